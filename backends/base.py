@@ -1,0 +1,94 @@
+"""The ``Backend`` protocol every device backend implements, and the registry.
+
+The engine owns one backend. Its life:
+
+1. constructed by ``create_backend(name, model_config, weights, ...)``;
+2. asked ``kv_block_bytes(block_size)`` / ``num_blocks_for_memory(...)`` so the
+   engine can size the scheduler's ``BlockPool``;
+3. ``allocate_kv_cache(num_blocks, block_size)`` once;
+4. ``execute(scheduler_output)`` once per step, on the engine's step thread;
+5. ``shutdown()``.
+
+Backends are picked through lazy-import factories, so a device framework
+(triton, mlx) is imported only when its backend is selected.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from engine.model_config import ModelConfig
+from scheduler.output import SchedulerOutput, StepResult
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str        # "cpu", "cuda", "metal"
+    dtype: str       # "float32", "bfloat16", "float16"
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes one KV block costs across all layers (K and V)."""
+
+    def num_blocks_for_memory(self, memory_bytes: int, block_size: int) -> int:
+        """How many KV blocks fit ``memory_bytes``."""
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """Allocate the paged KV cache; called once before the first step."""
+
+    def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
+        """Run one step: write new K/V, attend, sample where ``needs_sample``.
+
+        Drops per-request state of ``finished_request_ids`` and
+        ``preempted_request_ids`` first. Raises on a device failure; the
+        engine then fails the requests of this step.
+        """
+
+    def shutdown(self) -> None:
+        """Release device memory and worker threads."""
+
+
+# name -> "module:factory"; the factory takes (model_config, weights, **options).
+_REGISTRY = {
+    "cpu": "backends.cpu.backend:CPUBackend",
+    "cuda": "backends.cuda.backend:CUDABackend",
+    "metal": "backends.metal.backend:MetalBackend",
+}
+
+BACKEND_NAMES = ("auto", *_REGISTRY)
+
+
+def resolve_backend_name(name: str) -> str:
+    """Map ``auto`` to the best backend available on this machine."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
+    if name != "auto":
+        return name
+    try:
+        import torch
+
+        if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+            if importlib.util.find_spec("backends.cuda.backend") is not None:
+                return "cuda"
+    except ImportError:
+        pass
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        if importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("backends.metal.backend"):
+            return "metal"
+    return "cpu"
+
+
+def create_backend(name: str, model_config: ModelConfig, weights: dict[str, np.ndarray], **options) -> Backend:
+    """Import and construct the backend ``name`` (after ``resolve_backend_name``)."""
+    target = _REGISTRY.get(name)
+    if target is None:
+        raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
+    module_name, factory = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"backend {name!r} is not available here: {e}") from e
+    return getattr(module, factory)(model_config, weights, **options)
