@@ -1,0 +1,1 @@
+"""Benchmarks: the offline engine against Hugging Face transformers, and (later) a running server."""

@@ -1,0 +1,149 @@
+"""Convert a GGUF once into a float32 safetensors cache, then read only the cache.
+
+Dequantising and parsing a GGUF's tokenizer takes many seconds; the cache
+turns later starts into one sequential read. Layout of one entry::
+
+    $PAGEDGEN_CACHE_DIR/<stem>-<hash>/
+        model.safetensors      float32, canonical names
+        pagedgen_config.json   {"format_version", "name", "source", "max_model_len", "model_config"}
+        tokenizer.json, tokenizer_config.json, ...   (HF tokenizer built from the GGUF)
+
+``<hash>`` covers the GGUF's absolute path, size and mtime (and the cache
+format), so a replaced file gets a new entry. An entry is written in a
+temporary sibling directory and renamed into place, so it is either complete
+or absent; concurrent converters race harmlessly (the first rename wins).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from engine import envs
+from engine.model_config import ModelConfig
+from engine.weights import gguf_reader
+from engine.weights.canonical import check_weights
+from engine.weights.safetensors_io import read_header, read_safetensors, write_safetensors
+
+logger = structlog.get_logger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+CONFIG_FILE = "pagedgen_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """A complete cache entry: its metadata now, its weights on ``read_weights()``."""
+
+    path: Path               # the entry directory (also holds the tokenizer files)
+    name: str
+    config: ModelConfig
+    max_model_len: int
+
+    def read_weights(self) -> dict[str, np.ndarray]:
+        """The float32 canonical weights (one sequential read of model.safetensors)."""
+        return check_weights(self.config, read_safetensors(self.path / WEIGHTS_FILE), str(self.path))
+
+
+def cache_entry_for(gguf_path: Path, root: Path | None = None) -> Path:
+    """The cache directory that does or will hold ``gguf_path``'s conversion."""
+    source = gguf_path.resolve()
+    stat = source.stat()
+    key = f"{CACHE_FORMAT_VERSION}\0{source}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return (root or envs.cache_dir()) / f"{source.stem}-{digest}"
+
+
+def open_gguf_cache(gguf_path: Path, name: str) -> CacheEntry:
+    """``gguf_path``'s cache entry, converting the GGUF first if there is none (or a broken one)."""
+    entry = cache_entry_for(gguf_path)
+    if entry.is_dir():
+        try:
+            return open_cache_entry(entry)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning("gguf_cache_invalid_rebuilding", cache=str(entry), error=str(e))
+            shutil.rmtree(entry, ignore_errors=True)
+    convert_gguf(gguf_path, entry, name)
+    return open_cache_entry(entry)
+
+
+def open_cache_entry(entry: Path) -> CacheEntry:
+    """Read and check an entry's metadata; ValueError/OSError if it is not usable."""
+    meta = json.loads((entry / CONFIG_FILE).read_text(encoding="utf-8"))
+    if meta.get("format_version") != CACHE_FORMAT_VERSION:
+        raise ValueError(f"cache format {meta.get('format_version')} != {CACHE_FORMAT_VERSION}")
+    header, data_start = read_header(entry / WEIGHTS_FILE)
+    data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if data_start + data_end != (entry / WEIGHTS_FILE).stat().st_size:
+        raise ValueError(f"{entry / WEIGHTS_FILE} is truncated")
+    if not (entry / "tokenizer.json").is_file():
+        raise ValueError(f"{entry} lacks tokenizer.json")
+    config = ModelConfig.from_dict(meta["model_config"])
+    return CacheEntry(entry, meta["name"], config, int(meta["max_model_len"]))
+
+
+def convert_gguf(gguf_path: Path, entry: Path, name: str) -> None:
+    """Dequantise ``gguf_path`` and write the cache ``entry`` atomically."""
+    from engine.tokenizer import hf_tokenizer_from_gguf
+
+    start = time.perf_counter()
+    logger.info("gguf_conversion_started", source=str(gguf_path), cache=str(entry))
+    checkpoint = gguf_reader.read_gguf(gguf_path)
+    hf_tokenizer = hf_tokenizer_from_gguf(gguf_path)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(entry)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".partial", dir=entry.parent))
+    try:
+        write_safetensors(staging / WEIGHTS_FILE, checkpoint.weights, metadata={"producer": "pagedgen"})
+        hf_tokenizer.save_pretrained(str(staging))
+        meta = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "name": name,
+            "source": str(gguf_path.resolve()),
+            "max_model_len": checkpoint.max_model_len,
+            "model_config": checkpoint.config.to_dict(),
+        }
+        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        _make_readable(staging)
+        try:
+            os.rename(staging, entry)
+        except OSError:
+            if not entry.is_dir():
+                raise
+            logger.info("gguf_cache_written_concurrently", cache=str(entry))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info(
+        "gguf_converted",
+        source=str(gguf_path),
+        cache=str(entry),
+        seconds=round(time.perf_counter() - start, 2),
+    )
+
+
+def _make_readable(directory: Path) -> None:
+    """rwxr-xr-x / rw-r--r--: mkdtemp (and safetensors) create private files, a cache is shared."""
+    os.chmod(directory, 0o755)
+    for file in directory.iterdir():
+        os.chmod(file, 0o644)
+
+
+def _remove_stale_partials(entry: Path, max_age_s: float = 3600.0) -> None:
+    """Delete staging directories of ``entry`` left by a converter killed over an hour ago."""
+    now = time.time()
+    for partial in entry.parent.glob(f".{entry.name}.*.partial"):
+        try:
+            if now - partial.stat().st_mtime > max_age_s:
+                shutil.rmtree(partial, ignore_errors=True)
+        except OSError:
+            pass
