@@ -1,0 +1,300 @@
+"""Gather-based paged attention on CPU: the oracle every kernel is tested against.
+
+Per layer, ``CPUAttention.forward``:
+
+1. writes K/V of ALL new tokens of the step into their cache slots
+   (``index_copy_`` on the flattened ``[num_blocks * block_size, Hkv, D]``
+   view), before any request attends: a request may read blocks another
+   request of the same step has just written (shared prefix blocks);
+2. decode requests (one new token) attend in groups: one padded gather of
+   their blocks into a reused workspace and one masked SDPA per group, the
+   query heads of each KV head folded into the query axis (GQA without
+   copying K/V). Groups are sized so the gathered K/V stay in the CPU cache
+   until SDPA reads them (a single group for small batches);
+3. every other request (prefill, chunked prefill) attends on its own: causal
+   SDPA over its new K/V when nothing is cached before it, otherwise a masked
+   SDPA over its gathered context.
+
+Everything that does not depend on the layer (gather indices, masks, query
+ranges) is built once per step by ``build_attention_metadata``.
+
+``write_kv_cache_ref`` and ``paged_attention_ref`` are plain-loop references
+with the signatures future kernels must match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+# Decode requests are gathered in groups of about this many bytes of K
+# (padding included), so each group's K/V copy is still in the CPU cache when
+# SDPA reads it; DEFAULT_MAX_GATHER_TOKENS is that budget for 4 KV heads of
+# 64 float32 dims (the default of a bare ``build_attention_metadata`` call).
+GATHER_BUDGET_BYTES = 2 << 20
+DEFAULT_MAX_GATHER_TOKENS = 2048
+# A chunk after a cached prefix attends in pieces of query rows whose
+# [rows, context] mask holds at most this many elements.
+MAX_MASK_ELEMENTS = 1 << 23
+
+
+@dataclass
+class DecodeGroup:
+    """Decode requests (one new token each) attended together: one padded gather, one SDPA."""
+
+    rows: torch.Tensor                # [n] int64: rows of their tokens in the flattened batch
+    block_ids: torch.Tensor           # [n * num_blocks] int64: block tables, padded with block 0
+    num_blocks: int                   # blocks per request after padding
+    mask: torch.Tensor                # [n, 1, 1, num_blocks * block_size] additive: 0 attend, -inf not
+
+
+@dataclass
+class PrefillChunk:
+    """One request with several new tokens, attended on its own."""
+
+    query_start: int                  # first row of its tokens in the flattened batch
+    query_end: int                    # one past its last row
+    context_len: int                  # cached + new tokens
+    block_ids: torch.Tensor | None    # [num_ctx_blocks] int64; None: no cached prefix (plain causal)
+    mask: torch.Tensor | None         # [q_len, context_len] additive (0 / -inf); None with block_ids None
+
+
+@dataclass
+class CPUAttentionMetadata:
+    """Per-step inputs of ``CPUAttention``, shared by all layers."""
+
+    slot_mapping: torch.Tensor                    # [T] int64: cache slot of each new token
+    block_size: int
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def build_attention_metadata(
+    query_lens: Sequence[int],
+    num_computed_tokens: Sequence[int],
+    block_tables: Sequence[Sequence[int]],
+    slot_mapping: Sequence[int],
+    block_size: int,
+    max_gather_tokens: int = DEFAULT_MAX_GATHER_TOKENS,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> CPUAttentionMetadata:
+    """Build the step's metadata from plain per-request lists (in token order).
+
+    Decode requests are sorted by length and packed into groups whose padded
+    gather stays under ``max_gather_tokens`` (a group holds at least one).
+    Masks are additive in ``dtype`` (the query dtype), so SDPA need not
+    convert a boolean mask in every layer.
+    """
+    if not len(query_lens) == len(num_computed_tokens) == len(block_tables):
+        raise ValueError("query_lens, num_computed_tokens and block_tables must have one entry per request")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if len(slot_mapping) != sum(query_lens):
+        raise ValueError(f"slot_mapping has {len(slot_mapping)} entries for {sum(query_lens)} tokens")
+    meta = CPUAttentionMetadata(
+        slot_mapping=torch.as_tensor(slot_mapping, dtype=torch.int64, device=device), block_size=block_size
+    )
+    decodes = []                                    # (num_blocks, row, context_len, table)
+    start = 0
+    for q_len, num_computed, table in zip(query_lens, num_computed_tokens, block_tables):
+        if q_len < 1:
+            raise ValueError("every scheduled request needs at least one new token")
+        context_len = num_computed + q_len
+        num_ctx_blocks = -(-context_len // block_size)
+        if len(table) < num_ctx_blocks:
+            raise ValueError(f"block table of {len(table)} blocks cannot hold {context_len} tokens")
+        if q_len == 1:
+            decodes.append((num_ctx_blocks, start, context_len, table))
+        elif num_computed == 0:
+            meta.prefills.append(PrefillChunk(start, start + q_len, context_len, None, None))
+        else:
+            meta.prefills += _prefix_chunks(start, q_len, num_computed, table, block_size, dtype, device)
+        start += q_len
+    decodes.sort(key=lambda d: d[0])
+    group: list = []
+    for d in decodes:
+        if group and (len(group) + 1) * d[0] * block_size > max_gather_tokens:
+            meta.decode_groups.append(_decode_group(group, block_size, dtype, device))
+            group = []
+        group.append(d)
+    if group:
+        meta.decode_groups.append(_decode_group(group, block_size, dtype, device))
+    return meta
+
+
+def _prefix_chunks(start: int, q_len: int, num_computed: int, table: Sequence[int], block_size: int,
+                   dtype: torch.dtype, device: torch.device | str) -> list[PrefillChunk]:
+    """A chunk after a cached prefix, in pieces of query rows with bounded masks."""
+    context_len = num_computed + q_len
+    block_ids = torch.as_tensor(table[: -(-context_len // block_size)], dtype=torch.int64, device=device)
+    key_pos = torch.arange(context_len, device=device)                                    # [L]
+    rows = max(1, MAX_MASK_ELEMENTS // context_len)
+    pieces = []
+    for a in range(0, q_len, rows):
+        b = min(q_len, a + rows)
+        piece_len = num_computed + b                          # keys the last row of the piece sees
+        query_pos = torch.arange(num_computed + a, piece_len, device=device)             # [r]
+        pieces.append(PrefillChunk(
+            start + a, start + b, piece_len, block_ids[: -(-piece_len // block_size)],
+            _additive(key_pos[None, :piece_len] <= query_pos[:, None], dtype),           # [r, piece_len]
+        ))
+    return pieces
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where ``allowed``, -inf elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _decode_group(decodes: list, block_size: int, dtype: torch.dtype, device: torch.device | str) -> DecodeGroup:
+    num_blocks = max(d[0] for d in decodes)
+    padded = [list(table[:n]) + [0] * (num_blocks - n) for n, _, _, table in decodes]
+    lens = torch.as_tensor([d[2] for d in decodes], device=device)                      # [n]
+    key_pos = torch.arange(num_blocks * block_size, device=device)                       # [L]
+    return DecodeGroup(
+        rows=torch.as_tensor([d[1] for d in decodes], dtype=torch.int64, device=device),
+        block_ids=torch.as_tensor(padded, dtype=torch.int64, device=device).view(-1),
+        num_blocks=num_blocks,
+        mask=_additive(key_pos[None, :] < lens[:, None], dtype)[:, None, None, :],       # [n, 1, 1, L]
+    )
+
+
+class CPUAttention:
+    """``AttentionBackend`` for the cpu backend (see the module docstring).
+
+    Owns a gather workspace reused by every layer and step (fresh large
+    allocations would page-fault on every layer).
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
+                 dtype: torch.dtype = torch.float32, max_gather_tokens: int | None = None) -> None:
+        if num_heads % num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if max_gather_tokens is None:
+            token_bytes = num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+            max_gather_tokens = max(1, GATHER_BUDGET_BYTES // token_bytes)
+        if max_gather_tokens < 1:
+            raise ValueError(f"max_gather_tokens must be >= 1, got {max_gather_tokens}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.max_gather_tokens = max_gather_tokens
+        self.dtype = dtype
+        self._workspace: torch.Tensor | None = None                                      # [2, N, Hkv, D]
+
+    def build_metadata(self, query_lens: Sequence[int], num_computed_tokens: Sequence[int],
+                       block_tables: Sequence[Sequence[int]], slot_mapping: Sequence[int],
+                       block_size: int) -> CPUAttentionMetadata:
+        """``build_attention_metadata`` with this instance's gather budget."""
+        return build_attention_metadata(query_lens, num_computed_tokens, block_tables, slot_mapping,
+                                        block_size, self.max_gather_tokens, self.dtype)
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: CPUAttentionMetadata) -> torch.Tensor:
+        """Write K/V of the step, then attend; returns ``[T, H, D]``."""
+        k_cache, v_cache = kv_cache
+        h_kv, d = self.num_kv_heads, self.head_dim
+        k_cache.view(-1, h_kv, d).index_copy_(0, metadata.slot_mapping, k)      # [S, Hkv, D]
+        v_cache.view(-1, h_kv, d).index_copy_(0, metadata.slot_mapping, v)      # [S, Hkv, D]
+
+        out = q.new_empty(q.shape)                                              # [T, H, D]
+        for group in metadata.decode_groups:
+            decoded = self._decode(q.index_select(0, group.rows), k_cache, v_cache, group)  # [n, H, D]
+            out.index_copy_(0, group.rows, decoded)
+        for chunk in metadata.prefills:
+            s, e = chunk.query_start, chunk.query_end
+            out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], k_cache, v_cache, chunk)    # [q, H, D]
+        return out
+
+    def _gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``block_ids`` copied into the workspace: ``[n_blocks * block_size, Hkv, D]`` each."""
+        num_tokens = block_ids.shape[0] * k_cache.shape[1]
+        if self._workspace is None or self._workspace.shape[1] < num_tokens or self._workspace.dtype != k_cache.dtype:
+            self._workspace = k_cache.new_empty((2, num_tokens, self.num_kv_heads, self.head_dim))  # [2, N, Hkv, D]
+        shape = (block_ids.shape[0], *k_cache.shape[1:])
+        keys = self._workspace[0, :num_tokens].view(shape)                               # [nb, bs, Hkv, D]
+        values = self._workspace[1, :num_tokens].view(shape)                             # [nb, bs, Hkv, D]
+        torch.index_select(k_cache, 0, block_ids, out=keys)
+        torch.index_select(v_cache, 0, block_ids, out=values)
+        flat = (num_tokens, self.num_kv_heads, self.head_dim)
+        return keys.view(flat), values.view(flat)                                        # [N, Hkv, D] each
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                group: DecodeGroup) -> torch.Tensor:
+        batch = q.shape[0]
+        h_kv, d = self.num_kv_heads, self.head_dim
+        keys, values = self._gather(k_cache, v_cache, group.block_ids)                   # [n * L, Hkv, D] each
+        keys = keys.view(batch, -1, h_kv, d).transpose(1, 2)                             # [n, Hkv, L, D]
+        values = values.view(batch, -1, h_kv, d).transpose(1, 2)                         # [n, Hkv, L, D]
+        queries = q.view(batch, h_kv, self.num_heads // h_kv, d)                         # [n, Hkv, G, D]
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=group.mask, scale=self.scale)               # [n, Hkv, G, D]
+        return out.reshape(batch, self.num_heads, d)                                     # [n, H, D]
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+        queries = q.transpose(0, 1).unsqueeze(0)                                         # [1, H, q, D]
+        if chunk.block_ids is None:
+            keys = k.transpose(0, 1).unsqueeze(0)                                        # [1, Hkv, q, D]
+            values = v.transpose(0, 1).unsqueeze(0)                                      # [1, Hkv, q, D]
+            out = F.scaled_dot_product_attention(
+                queries, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)  # [1, H, q, D]
+        else:
+            keys, values = self._gather(k_cache, v_cache, chunk.block_ids)               # [nb * bs, Hkv, D] each
+            n = chunk.context_len
+            out = F.scaled_dot_product_attention(
+                queries, keys[:n].transpose(0, 1).unsqueeze(0), values[:n].transpose(0, 1).unsqueeze(0),
+                attn_mask=chunk.mask, scale=self.scale, enable_gqa=True)                  # [1, H, q, D]
+        return out[0].transpose(0, 1)                                                    # [q, H, D]
+
+
+def write_kv_cache_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       slot_mapping: Sequence[int] | torch.Tensor) -> None:
+    """Reference cache write: token ``i``'s ``k[i]``/``v[i]`` ``[Hkv, D]`` go to slot ``slot_mapping[i]``."""
+    block_size = k_cache.shape[1]
+    for i, slot in enumerate(torch.as_tensor(slot_mapping).tolist()):
+        k_cache[slot // block_size, slot % block_size] = k[i]                             # [Hkv, D]
+        v_cache[slot // block_size, slot % block_size] = v[i]                             # [Hkv, D]
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: Sequence[Sequence[int]] | torch.Tensor,
+    context_lens: Sequence[int] | torch.Tensor,
+    query_start_locs: Sequence[int] | torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Reference paged attention with plain loops, computed in float32.
+
+    ``q`` is ``[T, H, D]``; request ``r`` owns rows ``query_start_locs[r] ..
+    query_start_locs[r+1]-1``, which are the LAST positions of its
+    ``context_lens[r]`` tokens; a query at position ``p`` sees cached keys
+    ``0..p`` (read through ``block_tables[r]``). Returns ``[T, H, D]`` in
+    ``q.dtype``.
+    """
+    block_size, h_kv = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // h_kv
+    tables = block_tables.tolist() if isinstance(block_tables, torch.Tensor) else [list(t) for t in block_tables]
+    lens = torch.as_tensor(context_lens).tolist()
+    starts = torch.as_tensor(query_start_locs).tolist()
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)                     # [T, H, D]
+    for r, context_len in enumerate(lens):
+        q_len = starts[r + 1] - starts[r]
+        for i in range(q_len):
+            pos = context_len - q_len + i
+            row = starts[r] + i
+            keys = torch.stack([k_cache[tables[r][p // block_size], p % block_size] for p in range(pos + 1)])  # [p+1, Hkv, D]
+            values = torch.stack([v_cache[tables[r][p // block_size], p % block_size] for p in range(pos + 1)])  # [p+1, Hkv, D]
+            for h in range(q.shape[1]):
+                scores = keys[:, h // group].float() @ q[row, h].float() * scale         # [p+1]
+                out[row, h] = torch.softmax(scores, dim=0) @ values[:, h // group].float()  # [D]
+    return out.to(q.dtype)

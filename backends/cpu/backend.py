@@ -1,0 +1,197 @@
+"""The cpu backend: the shared torch model with gather-based paged attention.
+
+It is both the reference every device backend is tested against and the
+default on machines without a GPU. One ``execute`` call:
+
+1. drops the state (seeded generators) of finished / preempted requests;
+2. turns the scheduler's plain lists into int64 tensors and the attention
+   metadata, once for all layers;
+3. runs the model under ``torch.inference_mode`` (logits only for the rows
+   that sample);
+4. samples the requests with ``needs_sample``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from itertools import chain
+
+import numpy as np
+import torch
+
+from backends.cpu.attention import CPUAttention
+from backends.sampler import Sampler
+from backends.torch_model.model import LlamaModel
+from backends.torch_model.weights import torch_dtype
+from engine.model_config import ModelConfig
+from scheduler.output import SchedulerOutput, StepResult
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (affinity-aware where the OS says)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+# Weights with more output rows than this (the LM head) are multiplied in row
+# blocks of this size, each transposed into the output while still in cache.
+LINEAR_ROW_BLOCK = 2048
+# Without native bfloat16, products of this many rows or more run in float32.
+BF16_UPCAST_MIN_ROWS = 4
+
+
+def has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX)."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe is not None and probe() for probe in probes)
+
+
+def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+               upcast_min_rows: int | None = None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` as the view ``(w @ x.T).T`` ``[T, out]``.
+
+    On CPU, MKL runs skinny GEMMs (few tokens, a large weight) in this
+    orientation 1.3-3x faster than ``F.linear``'s; a single row is padded to
+    two because the GEMV path streams the weight slower than a 2-row GEMM.
+    Wide weights (the LM head) are done in row blocks into a contiguous
+    output: transposing a whole ``[vocab, T]`` product afterwards costs as
+    much as the GEMM. With ``upcast_min_rows``, bfloat16 products of at least
+    that many rows run in float32 (CPUs without native bfloat16 emulate it
+    several times slower than converting the weight on the fly).
+    """
+    if upcast_min_rows is not None and x.dtype == torch.bfloat16 and x.shape[0] >= upcast_min_rows:
+        b = None if bias is None else bias.float()
+        return cpu_linear(x.float(), w.float(), b).to(torch.bfloat16)                  # [T, out]
+    if x.shape[0] == 1:
+        return cpu_linear(torch.cat((x, x)), w, bias)[:1]                              # [1, out]
+    if w.shape[0] > 2 * LINEAR_ROW_BLOCK:
+        out = x.new_empty((x.shape[0], w.shape[0]))                                    # [T, out]
+        for start in range(0, w.shape[0], LINEAR_ROW_BLOCK):
+            end = start + LINEAR_ROW_BLOCK
+            b = None if bias is None else bias[start:end]
+            out[:, start:end] = cpu_linear(x, w[start:end], b, upcast_min_rows)        # [T, block]
+        return out
+    if bias is None:
+        return torch.mm(w, x.t()).t()                                                  # [T, out]
+    return torch.addmm(bias[:, None], w, x.t()).t()                                    # [T, out]
+
+
+class CPUBackend:
+    """``Backend`` on any CPU (see ``backends/base.py`` for the life cycle)."""
+
+    name = "cpu"
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        weights: dict[str, np.ndarray],
+        dtype: str = "float32",
+        seed: int = 0,
+        num_threads: int | None = None,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
+        self._torch_dtype = torch_dtype(dtype)
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
+        self.dtype = dtype
+        self.model_config = model_config
+        self.num_threads = num_threads or available_cores()
+        torch.set_num_threads(self.num_threads)     # process-wide: torch has no per-object setting
+        self.attention = CPUAttention(model_config.num_attention_heads, model_config.num_key_value_heads,
+                                      model_config.head_dim, dtype=self._torch_dtype)
+        linear = cpu_linear
+        if self._torch_dtype == torch.bfloat16 and not has_native_bf16():
+            linear = partial(cpu_linear, upcast_min_rows=BF16_UPCAST_MIN_ROWS)
+        self.model = LlamaModel(model_config, weights, self.attention, self._torch_dtype, linear=linear)
+        self.sampler = Sampler(eos_token_ids or model_config.eos_token_ids, seed=seed)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+        self.num_blocks = 0
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes one KV block costs across all layers (K and V)."""
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        c = self.model_config
+        elem = torch.empty((), dtype=self._torch_dtype).element_size()
+        return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * elem
+
+    def num_blocks_for_memory(self, memory_bytes: int, block_size: int) -> int:
+        """How many KV blocks fit ``memory_bytes``."""
+        if memory_bytes < 0:
+            raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
+        return int(memory_bytes) // self.kv_block_bytes(block_size)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """One zeroed ``[num_blocks, block_size, Hkv, D]`` K and V tensor per layer."""
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+        c = self.model_config
+        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self._torch_dtype), torch.zeros(shape, dtype=self._torch_dtype))
+            for _ in range(c.num_hidden_layers)
+        ]
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
+        """Run one step: write new K/V, attend, sample where ``needs_sample``."""
+        self.sampler.drop(chain(scheduler_output.finished_request_ids, scheduler_output.preempted_request_ids))
+        if scheduler_output.is_empty:
+            return StepResult()
+        logits = self.compute_logits(scheduler_output)                                  # [N, V]
+        sampling = [r for r in scheduler_output.scheduled if r.needs_sample]
+        result = StepResult()
+        if not sampling:
+            return result
+        with torch.inference_mode():
+            sampled = self.sampler.sample(logits, sampling)
+        for request, token_id, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
+            result.sampled_token_ids[request.request_id] = token_id
+            if logprobs is not None:
+                result.logprobs[request.request_id] = logprobs
+        return result
+
+    def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False) -> torch.Tensor:
+        """Run the model over the step; float32 logits ``[N, V]`` of the requests that sample.
+
+        Rows follow the order of ``scheduled`` among those with ``needs_sample``;
+        with ``all_tokens`` every scheduled token gets its row (``[T, V]``, for
+        prompt logprobs and tests). Writes the step's K/V into the cache like
+        ``execute`` (which calls it).
+        """
+        if not self.kv_caches:
+            raise RuntimeError("allocate_kv_cache must be called before execute")
+        if scheduler_output.block_size != self.block_size:
+            raise ValueError(f"step block_size {scheduler_output.block_size} != cache block_size {self.block_size}")
+        scheduled = scheduler_output.scheduled
+        query_lens = [len(r.token_ids) for r in scheduled]
+        input_ids = torch.tensor(list(chain.from_iterable(r.token_ids for r in scheduled)), dtype=torch.int64)  # [T]
+        positions = torch.from_numpy(np.concatenate([
+            np.arange(r.num_computed_tokens, r.num_computed_tokens + n, dtype=np.int64)
+            for r, n in zip(scheduled, query_lens)
+        ]))                                                                              # [T]
+        ends = np.cumsum(query_lens)
+        sample_rows = [i for i, r in enumerate(scheduled) if r.needs_sample]
+        if all_tokens:
+            logits_indices = torch.arange(int(ends[-1]), dtype=torch.int64)                # [T]
+        else:
+            logits_indices = torch.as_tensor(ends[sample_rows] - 1, dtype=torch.int64)   # [N]
+        metadata = self.attention.build_metadata(
+            query_lens,
+            [r.num_computed_tokens for r in scheduled],
+            [r.block_table for r in scheduled],
+            list(chain.from_iterable(r.slot_mapping for r in scheduled)),
+            self.block_size,
+        )
+        with torch.inference_mode():
+            return self.model.forward(input_ids, positions, self.kv_caches, metadata, logits_indices)  # [N, V]
+
+    def shutdown(self) -> None:
+        """Release the KV cache and the weights."""
+        self.kv_caches = []
+        self.model = None
+        self.sampler.clear()

@@ -1,0 +1,202 @@
+"""Server bootstrap: the Generate servicer, health, reflection, TLS, drain.
+
+``PagedgenServer`` serves an already loaded ``AsyncEngine`` (whoever built
+the engine shuts it down); ``serve()`` is what ``pagedgen serve`` runs: load,
+serve, and on SIGTERM/SIGINT drain within the grace period and return 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
+from pagedgen_client._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
+from service.auth import ApiKeyInterceptor
+from service.servicer import GenerateServicer
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generate"].full_name          # "pagedgen.v1.Generate"
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+HEALTH_CHECKED = ("", SERVICE_NAME)     # what health reports on: overall and the Generate service
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051                       # 0: pick a free port (see PagedgenServer.port)
+    tls_cert_file: str | None = None        # server certificate chain (PEM); enables TLS
+    tls_key_file: str | None = None         # its private key (PEM)
+    tls_client_ca_file: str | None = None   # require client certificates signed by this CA
+    api_key: str | None = None              # require "authorization: Bearer KEY" (health stays open)
+    health_poll_s: float = 0.2              # how often the engine's liveness is checked
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        if self.tls_cert_file is None:
+            return None
+        client_ca = Path(self.tls_client_ca_file).read_bytes() if self.tls_client_ca_file else None
+        return grpc.ssl_server_credentials(
+            [(Path(self.tls_key_file).read_bytes(), Path(self.tls_cert_file).read_bytes())],
+            root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class PagedgenServer:
+    """A ``grpc.aio`` server over one engine; create and use it on its event loop.
+
+    Given no engine, it starts NOT_SERVING (Generate calls get UNAVAILABLE)
+    until ``attach`` hands it the loaded one: the port is bound, and probes
+    answer, while the model loads.
+    """
+
+    def __init__(self, engine=None, options: ServerOptions | None = None):
+        self.engine = engine
+        self.options = options or ServerOptions()
+        self.port: int | None = None
+        self.health = health.aio.HealthServicer()
+        self._servicer = GenerateServicer(engine)
+        self._server: grpc.aio.Server | None = None
+        self._watcher: asyncio.Task | None = None
+        self._is_serving = False
+
+    @property
+    def address(self) -> str:
+        return format_address(self.options.host, self.port if self.port is not None else self.options.port)
+
+    async def start(self) -> int:
+        """Bind and start; SERVING if it has an engine. Returns the bound port."""
+        opts = self.options
+        interceptors = [ApiKeyInterceptor(opts.api_key)] if opts.api_key else []
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_GenerateServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = format_address(opts.host, opts.port)
+        credentials = opts.credentials()
+        try:
+            port = (server.add_insecure_port(address) if credentials is None
+                    else server.add_secure_port(address, credentials))
+        except RuntimeError as e:
+            raise OSError(f"cannot bind {address}: {e}") from None
+        if port == 0:
+            raise OSError(f"cannot bind {address}")
+        self.port, self._server = port, server
+        await server.start()
+        if self.engine is None:
+            await self.set_serving(False)
+        else:
+            await self.attach(self.engine)
+        return port
+
+    async def attach(self, engine) -> None:
+        """Serve ``engine`` from now on and report SERVING (unless it is dead)."""
+        self.engine = self._servicer.engine = engine
+        await self.set_serving(not engine.is_dead)
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch_engine(), name="pagedgen-health")
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self._is_serving = serving
+        for service in HEALTH_CHECKED:
+            await self.health.set(service, status)
+
+    async def _watch_engine(self) -> None:
+        """Health goes NOT_SERVING as soon as the engine loop dies."""
+        while True:
+            await asyncio.sleep(self.options.health_poll_s)
+            if self._is_serving and self.engine.is_dead:
+                log.error("health_not_serving", reason="engine_dead",
+                          error=repr(getattr(self.engine, "dead_error", None)))
+                await self.set_serving(False)
+
+    async def stop(self, grace: float) -> bool:
+        """Drain: NOT_SERVING, refuse new requests, let running streams finish
+        within ``grace`` seconds, then stop the server. True if none was cut."""
+        end = time.monotonic() + grace
+        await self.set_serving(False)
+        is_idle = True
+        if self.engine is not None:
+            self.engine.begin_drain()
+            is_idle = await self.engine.wait_idle(grace)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._server is not None:
+            # Lets the last messages of finished streams flush; cancels the rest.
+            await self._server.stop(max(0.5, end - time.monotonic()))
+        return is_idle
+
+    async def stop_now(self) -> None:
+        """Stop at once, cutting running streams (their requests are aborted)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._server is not None:
+            await self._server.stop(0)
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(engine_args, options: ServerOptions, grace_period: float = 30.0) -> int:
+    """Load the engine, serve until SIGTERM/SIGINT, drain, exit code 0.
+
+    A second signal during the drain cuts the remaining streams (exit 1).
+    """
+    from engine.async_engine import AsyncEngine    # loads torch: only when serving
+
+    loop = asyncio.get_running_loop()
+    stop, force = asyncio.Event(), asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: (force if stop.is_set() else stop).set())
+    t0 = time.perf_counter()
+    server = PagedgenServer(None, options)
+    await server.start()                            # a busy port fails before the slow load
+    log.info("server_loading", address=server.address, model=engine_args.model or "default",
+             backend=engine_args.backend)
+    try:
+        engine = await asyncio.to_thread(AsyncEngine, engine_args)
+    except BaseException:
+        await server.stop_now()
+        raise
+    try:
+        await server.attach(engine)
+        info = engine.model_info
+        log.info("server_ready", address=server.address, model=info.model, backend=info.backend,
+                 num_kv_blocks=info.num_kv_blocks, tls=options.tls_cert_file is not None,
+                 startup_s=round(time.perf_counter() - t0, 2))
+        await stop.wait()
+        log.info("server_draining", grace_s=grace_period)
+        drain = asyncio.create_task(server.stop(grace_period))
+        forced = asyncio.create_task(force.wait())
+        await asyncio.wait((drain, forced), return_when=asyncio.FIRST_COMPLETED)
+        if forced.done():
+            log.warning("server_stop_forced")
+            drain.cancel()
+            await server.stop_now()
+            return 1
+        forced.cancel()
+        log.info("server_stopped", drained=drain.result())
+        return 0
+    finally:
+        await asyncio.to_thread(engine.shutdown)
