@@ -10,14 +10,17 @@ import json
 import time
 from dataclasses import replace
 
-from bench.workload import BenchRequest, random_workload, shared_prefix_workload
+from bench.workload import BenchRequest, parse_range, random_workload, shared_prefix_workload
 from engine.args import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 
-def run_engine(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
-    """Run all requests at once through the step loop; returns figures."""
+def run_engine(engine: LLMEngine, requests: list[BenchRequest], generated: dict | None = None) -> dict:
+    """Run all requests at once through the step loop; returns figures.
+
+    ``generated``, when given, receives each request's output token ids by index.
+    """
     kv = engine.scheduler.kv
     bs = engine.scheduler.config.block_size
     queries0, hits0 = kv.prefix_cache_queries, kv.prefix_cache_hits
@@ -42,6 +45,9 @@ def run_engine(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
             if n and out.request_id not in ttft:
                 ttft[out.request_id] = now - t0
             out_tokens += n
+            if generated is not None:
+                generated.setdefault(int(out.request_id.split("-")[1]), []).extend(
+                    t for c in out.outputs for t in c.token_ids)
     elapsed = time.perf_counter() - t0
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     hits = kv.prefix_cache_hits - hits0
@@ -59,8 +65,6 @@ def run_engine(engine: LLMEngine, requests: list[BenchRequest]) -> dict:
 
 
 def build_workload(args, vocab_size: int, special_ids: frozenset[int]) -> list[BenchRequest]:
-    from bench.workload import parse_range
-
     if args.dataset == "shared-prefix":
         return shared_prefix_workload(args.num_requests, args.prefix_len, args.suffix_len,
                                       parse_range(args.output_len)[0], vocab_size, args.seed, special_ids)
@@ -81,6 +85,10 @@ def main(args) -> int:
     requests = build_workload(args, engine.model_config.vocab_size, frozenset(tok.all_special_ids))
     report: dict = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "load_s": load_s}
 
+    if args.dataset == "multi-turn":
+        report["pagedgen"] = run_multi_turn(engine, args, frozenset(tok.all_special_ids))
+        print_row("pagedgen", report["pagedgen"])
+        return _finish(engine, args, report)
     if args.dataset == "shared-prefix":
         # One warm request puts the prefix in the cache, as a long-running server would have it.
         run_engine(engine, [replace(requests[0], max_tokens=1)])
@@ -104,11 +112,47 @@ def main(args) -> int:
         ratio = report["pagedgen"]["output_tokens_per_s"] / report["hf"]["output_tokens_per_s"]
         report["speedup_vs_hf"] = ratio
         print(f"speedup (output tokens/s, pagedgen / hf static batch {args.hf_batch_size}): {ratio:.2f}x")
+    return _finish(engine, args, report)
+
+
+def _finish(engine: LLMEngine, args, report: dict) -> int:
     engine.shutdown()
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=2)
     return 0
+
+
+def run_multi_turn(engine: LLMEngine, args, special_ids: frozenset[int]) -> dict:
+    """Conversations that resend their whole history each turn (turn by turn, all at once)."""
+    import numpy as np
+
+    rng = np.random.default_rng(args.seed)
+    allowed = np.setdiff1d(np.arange(engine.model_config.vocab_size), np.fromiter(special_ids, dtype=np.int64))
+    out_len = parse_range(args.output_len)[0]
+    histories = [[] for _ in range(args.num_requests)]
+    totals: dict = {"elapsed_s": 0.0, "output_tokens": 0, "prompt_tokens": 0, "prompt_tokens_computed": 0,
+                    "prefix_cache_hit_tokens": 0, "requests": 0, "steps": 0, "max_kv_utilization": 0.0}
+    ttfts = []
+    for _ in range(args.turns):
+        for h in histories:
+            h.extend(rng.choice(allowed, args.suffix_len).tolist())
+        turn = [BenchRequest(list(h), out_len) for h in histories]
+        replies: dict[int, list[int]] = {}
+        r = run_engine(engine, turn, replies)
+        for k in ("elapsed_s", "output_tokens", "prompt_tokens", "prompt_tokens_computed",
+                  "prefix_cache_hit_tokens", "requests", "steps"):
+            totals[k] += r[k]
+        totals["max_kv_utilization"] = max(totals["max_kv_utilization"], r["max_kv_utilization"])
+        ttfts.append(r["median_ttft_s"])
+        for i, h in enumerate(histories):      # the reply becomes part of the history
+            h.extend(replies[i])
+    e = totals["elapsed_s"]
+    totals.update(output_tokens_per_s=totals["output_tokens"] / e, requests_per_s=totals["requests"] / e,
+                  total_tokens_per_s=(totals["output_tokens"] + totals["prompt_tokens"]) / e,
+                  prefix_cache_hit_rate=totals["prefix_cache_hit_tokens"] / totals["prompt_tokens"],
+                  median_ttft_s=sorted(ttfts)[len(ttfts) // 2], num_preemptions=engine.scheduler.num_preemptions)
+    return totals
 
 
 def print_row(name: str, r: dict) -> None:
@@ -127,12 +171,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--backend", default="auto", help="auto|cpu|cuda|metal")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--dataset", choices=("random", "shared-prefix"), default="random")
+    p.add_argument("--dataset", choices=("random", "shared-prefix", "multi-turn"), default="random")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--input-len", default="32:256", help="prompt length range MIN:MAX (random dataset)")
     p.add_argument("--output-len", default="32:128", help="output length range MIN:MAX")
     p.add_argument("--prefix-len", type=int, default=1024, help="shared prefix tokens (shared-prefix)")
-    p.add_argument("--suffix-len", type=int, default=32, help="distinct suffix tokens (shared-prefix)")
+    p.add_argument("--suffix-len", type=int, default=32, help="distinct suffix tokens (shared-prefix) / user tokens per turn (multi-turn)")
+    p.add_argument("--turns", type=int, default=4, help="turns per conversation (multi-turn)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
