@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import replace
 
-from bench.workload import BenchRequest, parse_range, random_workload, shared_prefix_workload
+from bench.workload import BenchRequest, allowed_token_ids, parse_range, random_workload, shared_prefix_workload
 from engine.args import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -128,7 +128,7 @@ def run_multi_turn(engine: LLMEngine, args, special_ids: frozenset[int]) -> dict
     import numpy as np
 
     rng = np.random.default_rng(args.seed)
-    allowed = np.setdiff1d(np.arange(engine.model_config.vocab_size), np.fromiter(special_ids, dtype=np.int64))
+    allowed = allowed_token_ids(engine.model_config.vocab_size, special_ids)
     out_len = parse_range(args.output_len)[0]
     histories = [[] for _ in range(args.num_requests)]
     totals: dict = {"elapsed_s": 0.0, "output_tokens": 0, "prompt_tokens": 0, "prompt_tokens_computed": 0,

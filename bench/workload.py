@@ -13,11 +13,16 @@ class BenchRequest:
     max_tokens: int
 
 
+def allowed_token_ids(vocab_size: int, special_ids: frozenset[int]) -> np.ndarray:
+    """Token ids a synthetic prompt may use: the vocabulary without special tokens."""
+    return np.setdiff1d(np.arange(vocab_size), np.fromiter(special_ids, dtype=np.int64))
+
+
 def random_workload(num_requests: int, input_len: tuple[int, int], output_len: tuple[int, int],
                     vocab_size: int, seed: int = 0, special_ids: frozenset[int] = frozenset()) -> list[BenchRequest]:
     """Requests of random tokens, lengths uniform in the given inclusive ranges."""
     rng = np.random.default_rng(seed)
-    allowed = np.setdiff1d(np.arange(vocab_size), np.fromiter(special_ids, dtype=np.int64))
+    allowed = allowed_token_ids(vocab_size, special_ids)
     out = []
     for _ in range(num_requests):
         n_in = int(rng.integers(input_len[0], input_len[1] + 1))
@@ -30,7 +35,7 @@ def shared_prefix_workload(num_requests: int, prefix_len: int, suffix_len: int, 
                            vocab_size: int, seed: int = 0, special_ids: frozenset[int] = frozenset()) -> list[BenchRequest]:
     """A common random prefix followed by a distinct random suffix per request."""
     rng = np.random.default_rng(seed)
-    allowed = np.setdiff1d(np.arange(vocab_size), np.fromiter(special_ids, dtype=np.int64))
+    allowed = allowed_token_ids(vocab_size, special_ids)
     prefix = rng.choice(allowed, prefix_len).tolist()
     return [BenchRequest(prefix + rng.choice(allowed, suffix_len).tolist(), output_len) for _ in range(num_requests)]
 

@@ -177,12 +177,21 @@ class AsyncEngine:
         finally:
             self._fail_all()
 
-    def _take_commands(self) -> None:
+    def _pending_commands(self):
+        """Every command queued so far, oldest first, without blocking."""
         while True:
             try:
-                cmd = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _abort(self, request_id: str) -> None:
+        out = self.engine.abort_request(request_id)
+        if out is not None:
+            self._deliver(out)
+
+    def _take_commands(self) -> None:
+        for cmd in self._pending_commands():
             if cmd[0] == "add":
                 _, rid, sink, kwargs, deadline = cmd
                 self._num_taken += 1
@@ -197,18 +206,14 @@ class AsyncEngine:
             else:
                 _, rid, sink = cmd
                 if rid in self._sinks and (sink is None or self._sinks[rid] is sink):
-                    out = self.engine.abort_request(rid)
-                    if out is not None:
-                        self._deliver(out)
+                    self._abort(rid)
 
     def _expire_deadlines(self) -> None:
         if not self._deadlines:
             return
         now = time.time()
         for rid in [r for r, d in self._deadlines.items() if d <= now]:
-            out = self.engine.abort_request(rid)
-            if out is not None:
-                self._deliver(out)
+            self._abort(rid)
             self._deadlines.pop(rid, None)
 
     def _deliver(self, out: RequestOutput) -> None:
@@ -234,11 +239,7 @@ class AsyncEngine:
             except Exception:  # noqa: BLE001 - best effort while dying
                 pass
             self._deliver_error(rid, err)
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                break
+        for cmd in self._pending_commands():
             if cmd[0] == "add":
                 self._num_taken += 1
                 cmd[2].put(err)

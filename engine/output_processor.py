@@ -50,7 +50,7 @@ class StopChecker:
     eos_token_ids: frozenset[int]
     max_tokens_per_request: int                  # prompt + output, from the context and the cache
 
-    def check(self, c: CompletionState, token_id: int, num_prompt_tokens: int) -> tuple[str, str | int | None] | None:
+    def check(self, c: CompletionState, token_id: int) -> tuple[str, str | int | None] | None:
         p = c.params
         if len(c.token_ids) > p.min_tokens:         # the new token is already appended
             if not p.ignore_eos and token_id in self.eos_token_ids:
@@ -85,7 +85,7 @@ class OutputProcessor:
         if c.logprobs is not None and logprobs is not None:
             c.logprobs.append(logprobs)
         c.token_ids.append(token_id)
-        stop = self.stop_checker.check(c, token_id, len(state.prompt_token_ids))
+        stop = self.stop_checker.check(c, token_id)
         if stop is not None:                         # EOS / stop id: kept in ids, not in text
             c.finish_reason, c.stop_reason = stop
         else:

@@ -97,6 +97,14 @@ class ChannelConfig:
             certificate_chain=_read_pem(self.certificate_chain),
         )
 
+    def open_channel(self, grpc_module):
+        """A channel to ``target`` from ``grpc`` (sync) or ``grpc.aio`` (async)."""
+        credentials = self.credentials()
+        options = list(self.options)
+        if credentials is None:
+            return grpc_module.insecure_channel(self.target, options=options)
+        return grpc_module.secure_channel(self.target, credentials, options=options)
+
     def call_metadata(self, extra: Metadata | None) -> tuple[tuple[str, str], ...]:
         """Default metadata, the API key, then the call's own metadata."""
         items = list(self.metadata)

@@ -39,12 +39,7 @@ class AsyncClient:
         self.config = ChannelConfig(target, secure, root_certificates, private_key, certificate_chain,
                                     api_key, tuple(metadata), tuple(options))
         self.retry = retry or RetryPolicy()
-        credentials = self.config.credentials()
-        options = list(self.config.options)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(self.config.target, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(self.config.target, credentials, options=options)
+        self._channel = self.config.open_channel(grpc.aio)
         self.stub = pb_grpc.GenerateStub(self._channel)
 
     async def close(self) -> None:

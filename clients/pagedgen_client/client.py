@@ -47,12 +47,7 @@ class Client:
         self.config = ChannelConfig(target, secure, root_certificates, private_key, certificate_chain,
                                     api_key, tuple(metadata), tuple(options))
         self.retry = retry or RetryPolicy()
-        credentials = self.config.credentials()
-        options = list(self.config.options)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(self.config.target, options=options)
-        else:
-            self._channel = grpc.secure_channel(self.config.target, credentials, options=options)
+        self._channel = self.config.open_channel(grpc)
         self.stub = pb_grpc.GenerateStub(self._channel)
 
     def close(self) -> None:
