@@ -9,6 +9,8 @@ variable                    default                meaning
 ==========================  =====================  ===========================================
 ``PAGEDGEN_CACHE_DIR``      ``~/.cache/pagedgen``  where converted models (GGUF -> float32) live
 ``PAGEDGEN_LOG_LEVEL``      ``INFO``               DEBUG, INFO, WARNING, ERROR or CRITICAL
+``PAGEDGEN_API_KEY``        (none)                 ``pagedgen serve``'s API key when ``--api-key`` is not given
+``PAGEDGEN_CPU_KERNELS``    ``1``                  build/use the native cpu decode-attention kernel (0: torch only)
 ==========================  =====================  ===========================================
 """
 
@@ -25,6 +27,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ENV_VARS: dict[str, tuple[str, str]] = {
     "PAGEDGEN_CACHE_DIR": ("~/.cache/pagedgen", "directory for converted model caches"),
     "PAGEDGEN_LOG_LEVEL": ("INFO", f"log level, one of {', '.join(LOG_LEVELS)}"),
+    "PAGEDGEN_API_KEY": ("", "API key the server requires (gRPC and HTTP) when --api-key is not given"),
+    "PAGEDGEN_CPU_KERNELS": ("1", "build and use the native cpu attention kernel (0: pure torch)"),
 }
 
 
@@ -66,6 +70,11 @@ def get_bool(name: str) -> bool:
 def cache_dir() -> Path:
     """``PAGEDGEN_CACHE_DIR`` with ``~`` expanded (not created here)."""
     return Path(get_str("PAGEDGEN_CACHE_DIR")).expanduser()
+
+
+def api_key() -> str | None:
+    """``PAGEDGEN_API_KEY``, or None when unset or blank."""
+    return _raw("PAGEDGEN_API_KEY")
 
 
 def log_level() -> str:

@@ -6,11 +6,14 @@ Per layer, ``CPUAttention.forward``:
    (``index_copy_`` on the flattened ``[num_blocks * block_size, Hkv, D]``
    view), before any request attends: a request may read blocks another
    request of the same step has just written (shared prefix blocks);
-2. decode requests (one new token) attend in groups: one padded gather of
-   their blocks into a reused workspace and one masked SDPA per group, the
-   query heads of each KV head folded into the query axis (GQA without
-   copying K/V). Groups are sized so the gathered K/V stay in the CPU cache
-   until SDPA reads them (a single group for small batches);
+2. decode requests (one new token) attend through the native kernel of
+   ``backends/cpu/native`` when it could be built (float32): it reads each
+   request's blocks in place, with no gather copy. Otherwise they attend in
+   groups: one padded gather of their blocks into a reused workspace and one
+   masked SDPA per group, the query heads of each KV head folded into the
+   query axis (GQA without copying K/V). Groups are sized so the gathered K/V
+   stay in the CPU cache until SDPA reads them (a single group for small
+   batches);
 3. every other request (prefill, chunked prefill) attends on its own: causal
    SDPA over its new K/V when nothing is cached before it, otherwise a masked
    SDPA over its gathered context.
@@ -53,6 +56,15 @@ class DecodeGroup:
 
 
 @dataclass
+class NativeDecode:
+    """All decode requests of the step, for the native kernel."""
+
+    rows: torch.Tensor                # [n] int64: rows of their tokens in the flattened batch
+    block_tables: torch.Tensor        # [n, max_blocks] int32, padded with block 0
+    context_lens: torch.Tensor        # [n] int32
+
+
+@dataclass
 class PrefillChunk:
     """One request with several new tokens, attended on its own."""
 
@@ -70,6 +82,7 @@ class CPUAttentionMetadata:
     slot_mapping: torch.Tensor                    # [T] int64: cache slot of each new token
     block_size: int
     decode_groups: list[DecodeGroup] = field(default_factory=list)
+    native_decode: NativeDecode | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -82,10 +95,12 @@ def build_attention_metadata(
     max_gather_tokens: int = DEFAULT_MAX_GATHER_TOKENS,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    native_decode: bool = False,
 ) -> CPUAttentionMetadata:
     """Build the step's metadata from plain per-request lists (in token order).
 
-    Decode requests are sorted by length and packed into groups whose padded
+    With ``native_decode`` all decode requests go to the native kernel.
+    Otherwise they are sorted by length and packed into groups whose padded
     gather stays under ``max_gather_tokens`` (a group holds at least one).
     Masks are additive in ``dtype`` (the query dtype), so SDPA need not
     convert a boolean mask in every layer.
@@ -115,6 +130,16 @@ def build_attention_metadata(
         else:
             meta.prefills += _prefix_chunks(start, q_len, num_computed, table, block_size, dtype, device)
         start += q_len
+    if native_decode:
+        if decodes:
+            max_blocks = max(d[0] for d in decodes)
+            meta.native_decode = NativeDecode(
+                rows=torch.as_tensor([d[1] for d in decodes], dtype=torch.int64, device=device),
+                block_tables=torch.as_tensor([list(t[:n]) + [0] * (max_blocks - n) for n, _, _, t in decodes],
+                                             dtype=torch.int32, device=device),
+                context_lens=torch.as_tensor([d[2] for d in decodes], dtype=torch.int32, device=device),
+            )
+        return meta
     decodes.sort(key=lambda d: d[0])
     group: list = []
     for d in decodes:
@@ -168,11 +193,14 @@ class CPUAttention:
     """``AttentionBackend`` for the cpu backend (see the module docstring).
 
     Owns a gather workspace reused by every layer and step (fresh large
-    allocations would page-fault on every layer).
+    allocations would page-fault on every layer). ``use_native_kernel``:
+    None uses the native decode kernel where it is available and fits (float32,
+    the head shape), False never.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
-                 dtype: torch.dtype = torch.float32, max_gather_tokens: int | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, max_gather_tokens: int | None = None,
+                 use_native_kernel: bool | None = None) -> None:
         if num_heads % num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
         if max_gather_tokens is None:
@@ -187,13 +215,22 @@ class CPUAttention:
         self.max_gather_tokens = max_gather_tokens
         self.dtype = dtype
         self._workspace: torch.Tensor | None = None                                      # [2, N, Hkv, D]
+        self.decode_kernel = None
+        if use_native_kernel is not False and dtype == torch.float32:
+            from backends.cpu.native import decode_attention
+
+            kernel = decode_attention()
+            if kernel is not None and kernel.supports(num_heads, num_kv_heads, head_dim, block_size=1):
+                self.decode_kernel = kernel
 
     def build_metadata(self, query_lens: Sequence[int], num_computed_tokens: Sequence[int],
                        block_tables: Sequence[Sequence[int]], slot_mapping: Sequence[int],
                        block_size: int) -> CPUAttentionMetadata:
         """``build_attention_metadata`` with this instance's gather budget."""
+        native = self.decode_kernel is not None and self.decode_kernel.supports(
+            self.num_heads, self.num_kv_heads, self.head_dim, block_size)
         return build_attention_metadata(query_lens, num_computed_tokens, block_tables, slot_mapping,
-                                        block_size, self.max_gather_tokens, self.dtype)
+                                        block_size, self.max_gather_tokens, self.dtype, native_decode=native)
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: CPUAttentionMetadata) -> torch.Tensor:
@@ -204,6 +241,11 @@ class CPUAttention:
         v_cache.view(-1, h_kv, d).index_copy_(0, metadata.slot_mapping, v)      # [S, Hkv, D]
 
         out = q.new_empty(q.shape)                                              # [T, H, D]
+        native = metadata.native_decode
+        if native is not None:
+            decoded = self.decode_kernel(q.index_select(0, native.rows), k_cache, v_cache,
+                                         native.block_tables, native.context_lens, self.scale)  # [n, H, D]
+            out.index_copy_(0, native.rows, decoded)
         for group in metadata.decode_groups:
             decoded = self._decode(q.index_select(0, group.rows), k_cache, v_cache, group)  # [n, H, D]
             out.index_copy_(0, group.rows, decoded)

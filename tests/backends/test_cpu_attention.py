@@ -1,4 +1,8 @@
-"""CPUAttention (the fast path) against the plain-loop references."""
+"""CPUAttention (the fast path) against the plain-loop references.
+
+``native`` runs decodes through the native kernel (``backends/cpu/native``),
+otherwise through gathered SDPA groups; both must equal the references.
+"""
 
 from __future__ import annotations
 
@@ -39,9 +43,11 @@ def make_batch(specs: list[tuple[int, int]], seed: int = 0, dtype=torch.float32)
     return q, k, v, k_cache, v_cache, tables, slots
 
 
-def run_both(specs, max_gather_tokens=None, dtype=torch.float32, seed=0):
+def run_both(specs, max_gather_tokens=None, dtype=torch.float32, seed=0, native=False):
     q, k, v, k_cache, v_cache, tables, slots = make_batch(specs, seed, dtype)
-    attn = CPUAttention(H, HKV, D, dtype=dtype, max_gather_tokens=max_gather_tokens)
+    attn = CPUAttention(H, HKV, D, dtype=dtype, max_gather_tokens=max_gather_tokens, use_native_kernel=native)
+    if native:
+        assert attn.decode_kernel is not None, "the native decode kernel did not build (see the log)"
     meta = attn.build_metadata([n for _, n in specs], [c for c, _ in specs], tables, slots, BS)
     fast_k, fast_v = k_cache.clone(), v_cache.clone()
     out = attn.forward(0, q, k, v, (fast_k, fast_v), meta)                       # [T, H, D]
@@ -56,6 +62,15 @@ def run_both(specs, max_gather_tokens=None, dtype=torch.float32, seed=0):
 
 # decodes at context lengths 1, 15, 16, 17, 40, one chunked prefill, one fresh prefill
 MIXED = [(0, 1), (20, 13), (14, 1), (15, 1), (0, 7), (16, 1), (39, 1)]
+
+
+def test_mixed_batch_matches_reference_through_the_native_kernel():
+    out, ref, fast_cache, ref_cache, meta = run_both(MIXED, native=True)
+    assert torch.equal(fast_cache[0], ref_cache[0]) and torch.equal(fast_cache[1], ref_cache[1])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert meta.decode_groups == []
+    assert meta.native_decode.context_lens.tolist() == [1, 15, 16, 17, 40]
+    assert meta.native_decode.block_tables.shape == (5, 3)
 
 
 @pytest.mark.parametrize("max_gather_tokens", [None, 32, 48])
@@ -77,7 +92,8 @@ def test_single_decode_group_by_default_is_padded_to_longest():
     assert (group.mask[:, 0, 0] == 0).sum(-1).tolist() == [1, 15, 16, 17, 40]   # sorted by length
 
 
-def test_request_reads_blocks_written_by_another_in_the_same_step():
+@pytest.mark.parametrize("native", [False, True])
+def test_request_reads_blocks_written_by_another_in_the_same_step(native):
     # Request a writes positions 0..15 into block 7; request b shares that block as
     # its cached prefix and decodes position 16 in the same step.
     g = torch.Generator().manual_seed(1)
@@ -88,7 +104,7 @@ def test_request_reads_blocks_written_by_another_in_the_same_step():
     v = torch.randn(17, HKV, D, generator=g)
     tables = [[7], [7, 3]]
     slots = [7 * BS + p for p in range(16)] + [3 * BS]
-    attn = CPUAttention(H, HKV, D)
+    attn = CPUAttention(H, HKV, D, use_native_kernel=native)
     meta = attn.build_metadata([16, 1], [0, 16], tables, slots, BS)
     out = attn.forward(0, q, k, v, (k_cache, v_cache), meta)
     padded_tables = torch.tensor([[7, 0], [7, 3]])                  # tensors work too, padded

@@ -1,0 +1,137 @@
+"""Native CPU kernels, compiled on first use with the system C compiler.
+
+``decode_attention()`` returns the paged decode-attention kernel of
+``paged_decode_attention.c`` (float32, reads the cache in place through the
+block tables) or None when it cannot be built here (no C compiler, a
+compiler error, ``PAGEDGEN_CPU_KERNELS=0``); the cpu backend then keeps its
+pure-torch path, which computes the same thing.
+
+The shared library is built once per source, compiler and CPU (it is
+compiled with ``-march=native``) into ``$PAGEDGEN_CACHE_DIR/kernels`` and
+loaded with ctypes; a call releases the GIL while it runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import structlog
+import torch
+
+from engine import envs
+
+log = structlog.get_logger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_decode_attention.c")
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_lock = threading.Lock()
+_i32 = ctypes.c_int32
+_ptr = ctypes.c_void_p
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the machine and its CPU flags."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def _build(compiler: str) -> Path:
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(_FLAGS).encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    out_dir = envs.cache_dir() / "kernels"
+    target = out_dir / f"paged_decode_attention-{key}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(_SOURCE), "-lm"],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, target)              # atomic: concurrent builders agree on the file
+    log.info("cpu_kernel_built", path=str(target))
+    return target
+
+
+class DecodeAttentionKernel:
+    """ctypes binding of ``pagedgen_decode_attention_f32``."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._fn = library.pagedgen_decode_attention_f32
+        self._fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _i32, _ptr, _i32, _i32, _i32, _i32, _i32,
+                             ctypes.c_float, _ptr, _i32]
+        self._fn.restype = ctypes.c_int
+        limits = [_i32(), _i32(), _i32()]
+        library.pagedgen_decode_attention_limits(*(ctypes.byref(x) for x in limits))
+        self.max_group, self.max_head_dim, self.max_block_size = (x.value for x in limits)
+
+    def supports(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> bool:
+        return (num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= self.max_group
+                and head_dim <= self.max_head_dim and head_dim % 8 == 0 and block_size <= self.max_block_size)
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                 out: torch.Tensor | None = None, num_threads: int | None = None) -> torch.Tensor:
+        """``q`` ``[n, H, D]`` float32 -> ``[n, H, D]``; caches ``[NB, bs, Hkv, D]``;
+        ``block_tables`` ``[n, max_blocks]`` int32; ``context_lens`` ``[n]`` int32."""
+        n, num_heads, head_dim = q.shape
+        _, block_size, num_kv_heads, cache_dim = k_cache.shape
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous float32 tensor")
+        if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+            raise ValueError("block_tables and context_lens must be int32")
+        if (cache_dim != head_dim or v_cache.shape != k_cache.shape or block_tables.dim() != 2
+                or block_tables.shape[0] != n or context_lens.shape != (n,)):
+            raise ValueError("inconsistent shapes for paged decode attention")
+        block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
+        if out is None:
+            out = torch.empty_like(q)
+        status = self._fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+                          block_tables.shape[1], context_lens.data_ptr(), n, num_heads, num_kv_heads,
+                          head_dim, block_size, scale, out.data_ptr(), num_threads or torch.get_num_threads())
+        if status != 0:
+            raise ValueError(f"paged decode attention does not support heads={num_heads}, "
+                             f"kv_heads={num_kv_heads}, head_dim={head_dim}, block_size={block_size}")
+        return out
+
+
+@lru_cache(maxsize=1)
+def decode_attention() -> DecodeAttentionKernel | None:
+    """The compiled kernel, or None where it cannot be built (logged once)."""
+    if not envs.get_bool("PAGEDGEN_CPU_KERNELS"):
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("cpu_kernel_unavailable", reason="no C compiler (cc, gcc, clang) on PATH; using torch attention")
+        return None
+    try:
+        with _lock:
+            path = _build(compiler)
+        return DecodeAttentionKernel(ctypes.CDLL(str(path)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("cpu_kernel_unavailable", reason=str(e)[:500], fallback="torch attention")
+        return None
