@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from bench.workload import BenchRequest
+from bench.datasets import BenchRequest
 from engine.model_config import ModelConfig
 
 

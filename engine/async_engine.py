@@ -13,7 +13,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -78,6 +78,8 @@ class AsyncEngine:
         self._stopping = False
         self.is_dead = False
         self.dead_error: BaseException | None = None
+        # Called on the loop thread with every delta output delivered (e.g. service.metrics).
+        self.output_observers: list[Callable[[RequestOutput], None]] = []
         self._thread = threading.Thread(target=self._run, name="pagedgen-engine", daemon=True)
         self._thread.start()
 
@@ -217,6 +219,11 @@ class AsyncEngine:
             self._deadlines.pop(rid, None)
 
     def _deliver(self, out: RequestOutput) -> None:
+        for observe in self.output_observers:
+            try:
+                observe(out)
+            except Exception:  # noqa: BLE001 - an observer never stops the loop
+                log.warning("output_observer_failed", exc_info=True)
         sink = self._sinks.get(out.request_id)
         if out.finished:
             self._sinks.pop(out.request_id, None)

@@ -82,6 +82,7 @@ class OutputProcessor:
         state, c = self.by_seq[seq_id]
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = now
+        state.metrics.num_generation_tokens += 1
         if c.logprobs is not None and logprobs is not None:
             c.logprobs.append(logprobs)
         c.token_ids.append(token_id)

@@ -37,6 +37,7 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    num_generation_tokens: int = 0          # sampled so far, all completions together
 
     @property
     def ttft(self) -> float | None:
