@@ -144,6 +144,12 @@ class Scheduler:
         self._finished_ids, self._preempted_ids = set(), set()
         return out
 
+    def report_again(self, out: SchedulerOutput) -> None:
+        """The backend never ran ``out``: tell it at the next step which
+        requests finished or were preempted before, so it drops their state."""
+        self._finished_ids |= out.finished_request_ids
+        self._preempted_ids |= out.preempted_request_ids
+
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
         request.num_computed_tokens = 0

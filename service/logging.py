@@ -30,7 +30,7 @@ def configure_logging(fmt: str = "console", level: str | None = None) -> None:
     if not isinstance(level_no, int):
         raise ValueError(f"unknown log level {level_name!r}")
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
-                else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+                else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), exception_formatter=_no_locals()))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -46,6 +46,13 @@ def configure_logging(fmt: str = "console", level: str | None = None) -> None:
     )
     logging.basicConfig(stream=sys.stderr, level=level_no, format="%(levelname)s %(name)s: %(message)s",
                         force=True)
+
+
+def _no_locals():
+    """Tracebacks without local variables: rich shows them by default, and they hold prompts."""
+    if structlog.dev.rich is not None:
+        return structlog.dev.RichTracebackFormatter(show_locals=False)
+    return structlog.dev.plain_traceback
 
 
 def _passthrough(logger, method_name, event_dict):

@@ -20,6 +20,8 @@ from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
 from service import convert
 from service.errors import ModelLoadingError, map_errors
+from service.metrics import observe_generate
+from service.limits import RequestLimits
 from service.streaming import coalesced, merge_deltas
 
 log = structlog.get_logger(__name__)
@@ -28,8 +30,12 @@ log = structlog.get_logger(__name__)
 class GenerateServicer(pb_grpc.GenerateServicer):
     """Serves one ``AsyncEngine`` (the model and tokenizer it loaded)."""
 
-    def __init__(self, engine=None):
+    metrics = None                              # a service.metrics.ServerMetrics with --metrics-port
+
+    def __init__(self, engine=None, *, limits: RequestLimits | None = None, log_requests: bool = False):
         self._engine = engine
+        self.limits = limits or RequestLimits()
+        self.log_requests = log_requests        # prompt and completion text in the logs (debugging only)
 
     @property
     def engine(self):
@@ -41,11 +47,15 @@ class GenerateServicer(pb_grpc.GenerateServicer):
     def engine(self, engine) -> None:
         self._engine = engine
 
+    @observe_generate
     @map_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         if not request.request_id:
             request.request_id = convert.new_request_id()   # errors and logs name it too
         inp = convert.generate_request_from_pb(request)
+        inp.sampling_params = self.limits.enforce(inp.sampling_params,
+                                                  max_tokens_given=request.sampling.HasField("max_tokens"))
+        texts = _log_request_text(inp) if self.log_requests else None
         stream = convert.ResponseStream(inp.request_id, inp.return_token_ids)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.time() + remaining
@@ -60,9 +70,11 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                     for msg in msgs:
                         if msg.finish_reason == pb.FINISH_REASON_ABORT and _passed(deadline):
                             raise TimeoutError(f"request {inp.request_id} passed its deadline")
+                        if texts is not None:
+                            texts[msg.index] = texts.get(msg.index, "") + msg.text
                         yield msg
             status = "ok"
-        except asyncio.CancelledError:      # the client went away or gRPC's deadline passed
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away or gRPC's deadline passed
             status = "cancelled"
             raise
         except TimeoutError:                # the engine expired it first
@@ -70,6 +82,9 @@ class GenerateServicer(pb_grpc.GenerateServicer):
             raise
         finally:
             _log_finish(inp, stream, status, time.perf_counter() - start, first_token_s)
+            if texts is not None:
+                log.info("request_completion_text", request_id=inp.request_id,
+                         completions=[texts[i] for i in sorted(texts)])
 
     @map_errors
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
@@ -95,6 +110,13 @@ class GenerateServicer(pb_grpc.GenerateServicer):
     @map_errors
     async def GetStats(self, request: pb.GetStatsRequest, context) -> pb.GetStatsResponse:
         return convert.stats_to_pb(self.engine.get_stats())
+
+
+def _log_request_text(inp: convert.GenerateInput) -> dict[int, str]:
+    """With ``--log-requests`` only: the request's input, and a dict to collect its completions in."""
+    log.info("request_text", request_id=inp.request_id, prompt=inp.prompt, messages=inp.messages,
+             prompt_token_ids=inp.prompt_token_ids)
+    return {}
 
 
 def _passed(deadline: float | None) -> bool:

@@ -84,6 +84,32 @@ def test_sigterm_drains_running_streams_and_exits_0(tiny_model_dir):
     assert ready["address"].startswith("127.0.0.1:") and ready["model"] == "tiny-llama"
 
 
+@pytest.mark.timeout(120)
+def test_sigterm_during_16_streams_completes_every_one(tiny_model_dir):
+    server = ServeProcess("--model", tiny_model_dir, "--backend", "cpu", "--num-kv-blocks", "512",
+                          "--grace-period", "30")
+    try:
+        ready = server.wait_event("server_ready", timeout=60)
+        with Client(ready["address"], retry=RetryPolicy(max_attempts=1)) as client:
+            streams = [client.generate(f"The cat watches {i}", max_tokens=160, ignore_eos=True, temperature=0)
+                       for i in range(16)]
+            chunks = [[next(stream)] for stream in streams]            # all 16 are running
+            assert client.stats().num_running == 16
+            server.proc.send_signal(signal.SIGTERM)
+            server.wait_event("server_draining", timeout=10)
+            with pytest.raises(PagedgenClientError) as info:
+                list(client.generate("one more", max_tokens=2))
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            for mine, stream in zip(chunks, streams):
+                mine += list(stream)
+                assert mine[-1].finish_reason == "length"
+                assert sum(len(c.token_ids) for c in mine) == 160
+        assert server.proc.wait(timeout=30) == 0
+        assert server.wait_event("server_stopped", timeout=5)["drained"] is True
+    finally:
+        server.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_serve_the_default_model():
