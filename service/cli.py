@@ -16,6 +16,8 @@ import sys
 
 from service.logging import LOG_FORMATS
 
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 2**20      # = service.limits.DEFAULT_MAX_MESSAGE_BYTES (not imported: it loads grpc)
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -58,12 +60,21 @@ def _add_serve_parser(sub) -> None:
                    help="memory for the KV cache, e.g. 2GiB, 512MiB or bytes (default: the engine's, 1GiB on CPU)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV block count (overrides --kv-cache-memory)")
     g.add_argument("--max-model-len", type=int, default=None, help="context limit per request (default: the model's)")
-    g.add_argument("--max-queue", type=int, default=None,
-                   help="waiting requests at most; more get RESOURCE_EXHAUSTED (default: unbounded)")
+    g.add_argument("--max-queue", type=int, default=1024,
+                   help="waiting requests at most; more get RESOURCE_EXHAUSTED")
+    g.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="prompt tokens per request at most; longer prompts get INVALID_ARGUMENT "
+                        "(default: the context, max-model-len - 1)")
     g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="disable automatic prefix caching")
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads of the cpu backend (default: all cores)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over N ranks (worker processes over torch.distributed; threads shared)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="cuda: share of GPU memory the engine may use; the KV cache gets what the model leaves")
+    g.add_argument("--cuda-graph-mode", default="full", choices=("none", "piecewise", "full"),
+                   help="cuda: full graphs for decode steps, piecewise graphs around eager attention, or none")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     s.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (logged when ready)")
@@ -72,14 +83,34 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--tls-key", default=None, help="server private key (PEM file)")
     s.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (PEM file)")
     s.add_argument("--api-key", default=None,
-                   help="require metadata 'authorization: Bearer KEY' (health and reflection stay open)")
+                   help="require 'authorization: Bearer KEY' on gRPC calls and HTTP requests "
+                        "(health and reflection stay open; default: PAGEDGEN_API_KEY)")
+    s.add_argument("--openai-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /health) on this port of --host; 0 picks a free one (logged when ready)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the model name the HTTP API lists and accepts (default: the model's own)")
     s.add_argument("--log-format", choices=LOG_FORMATS, default="console", help="log lines as text or JSON (stderr)")
     s.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING... (default: PAGEDGEN_LOG_LEVEL or INFO)")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port, logged when ready)")
+    s.add_argument("--log-requests", action="store_true",
+                   help="log prompt and completion text (debugging only; never on by default)")
+    lim = p.add_argument_group("request limits (over a limit: INVALID_ARGUMENT; a larger message: RESOURCE_EXHAUSTED)")
+    lim.add_argument("--max-message-bytes", type=parse_bytes, default=DEFAULT_MAX_MESSAGE_BYTES,
+                     help="largest request message, e.g. 4MiB")
+    lim.add_argument("--max-n", type=int, default=16, help="completions per request (sampling.n) at most")
+    lim.add_argument("--max-output-tokens", type=int, default=None,
+                     help="sampling.max_tokens at most (default: only the context bounds it)")
+    lim.add_argument("--max-stop-strings", type=int, default=16, help="stop strings per request at most")
+    lim.add_argument("--max-stop-string-len", type=int, default=256, help="characters per stop string at most")
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from engine import envs
     from engine.args import EngineArgs
+    from service.limits import RequestLimits
     from service.logging import configure_logging
     from service.server import ServerOptions, serve
 
@@ -87,7 +118,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     engine_args = EngineArgs(**{k: v for k, v in vars(args).items() if k in EngineArgs.field_names()})
     options = ServerOptions(host=args.host, port=args.port, tls_cert_file=args.tls_cert,
                             tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca,
-                            api_key=args.api_key)
+                            api_key=args.api_key or envs.api_key(), max_message_bytes=args.max_message_bytes,
+                            openai_port=args.openai_port, served_model_name=args.served_model_name,
+                            metrics_port=args.metrics_port,
+                            log_requests=args.log_requests, limits=RequestLimits(
+                                max_n=args.max_n, max_tokens=args.max_output_tokens,
+                                max_stop_strings=args.max_stop_strings, max_stop_string_len=args.max_stop_string_len))
     return asyncio.run(serve(engine_args, options, args.grace_period))
 
 

@@ -3,6 +3,8 @@
 ``PagedgenServer`` serves an already loaded ``AsyncEngine`` (whoever built
 the engine shuts it down); ``serve()`` is what ``pagedgen serve`` runs: load,
 serve, and on SIGTERM/SIGINT drain within the grace period and return 0.
+With ``ServerOptions.openai_port`` the same server also runs the
+OpenAI-compatible HTTP API (``service.openai``) on its loop and engine.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from grpc_reflection.v1alpha import reflection
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
 from service.auth import ApiKeyInterceptor
+from service.limits import DEFAULT_MAX_MESSAGE_BYTES, DecodeGuard, RequestLimits, exposure_warning
+from service.metrics import ServerMetrics
 from service.servicer import GenerateServicer
 
 log = structlog.get_logger(__name__)
@@ -39,10 +43,22 @@ class ServerOptions:
     tls_client_ca_file: str | None = None   # require client certificates signed by this CA
     api_key: str | None = None              # require "authorization: Bearer KEY" (health stays open)
     health_poll_s: float = 0.2              # how often the engine's liveness is checked
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # larger requests get RESOURCE_EXHAUSTED
+    limits: RequestLimits = RequestLimits()  # n, max_tokens, stop strings per request
+    log_requests: bool = False              # log prompt and completion text (debugging only)
+    metrics_port: int | None = None         # serve Prometheus /metrics on host:metrics_port (0: a free port)
+    openai_port: int | None = None          # also serve the OpenAI-compatible HTTP API here (0: a free port)
+    served_model_name: str | None = None    # the model's name in the HTTP API (default: the engine's)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if self.openai_port is not None and not 0 <= self.openai_port <= 65535:
+            raise ValueError(f"openai_port must be in [0, 65535], got {self.openai_port}")
+        if not isinstance(self.max_message_bytes, int) or self.max_message_bytes < 1:
+            raise ValueError(f"max_message_bytes must be a positive integer, got {self.max_message_bytes!r}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be given together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
@@ -74,10 +90,15 @@ class PagedgenServer:
         self.options = options or ServerOptions()
         self.port: int | None = None
         self.health = health.aio.HealthServicer()
-        self._servicer = GenerateServicer(engine)
+        self._servicer = GenerateServicer(engine, limits=self.options.limits, log_requests=self.options.log_requests)
+        self.metrics = ServerMetrics() if self.options.metrics_port is not None else None
+        self._servicer.metrics = self.metrics
+        self.metrics_port: int | None = None    # the bound port of /metrics
         self._server: grpc.aio.Server | None = None
         self._watcher: asyncio.Task | None = None
         self._is_serving = False
+        self._http = None                   # service.openai.app.OpenAIServer, with options.openai_port
+        self.openai_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -86,8 +107,9 @@ class PagedgenServer:
     async def start(self) -> int:
         """Bind and start; SERVING if it has an engine. Returns the bound port."""
         opts = self.options
-        interceptors = [ApiKeyInterceptor(opts.api_key)] if opts.api_key else []
-        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        interceptors = ([ApiKeyInterceptor(opts.api_key)] if opts.api_key else []) + [DecodeGuard()]
+        server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", opts.max_message_bytes)])
         pb_grpc.add_GenerateServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -102,15 +124,41 @@ class PagedgenServer:
             raise OSError(f"cannot bind {address}")
         self.port, self._server = port, server
         await server.start()
+        if self.metrics is not None:
+            try:
+                self.metrics_port = self.metrics.start_http(opts.host, opts.metrics_port)
+            except BaseException:
+                await server.stop(0)
+                raise
+        if opts.openai_port is not None:
+            await self._start_http()
+        hint = exposure_warning(opts.host, has_api_key=bool(opts.api_key), has_tls=credentials is not None)
+        if hint:
+            log.warning("server_exposed_without_auth", address=self.address, hint=hint)
         if self.engine is None:
             await self.set_serving(False)
         else:
             await self.attach(self.engine)
         return port
 
+    async def _start_http(self) -> None:
+        from service.openai.app import OpenAIServer      # FastAPI loads only when asked for
+
+        http = OpenAIServer.from_options(self.engine, self.options)
+        try:
+            self.openai_port = await http.start()
+        except BaseException:
+            await self.stop_now()               # what started before it (gRPC, metrics)
+            raise
+        self._http = http
+
     async def attach(self, engine) -> None:
         """Serve ``engine`` from now on and report SERVING (unless it is dead)."""
         self.engine = self._servicer.engine = engine
+        if self.metrics is not None:
+            self.metrics.attach(engine)
+        if self._http is not None:
+            self._http.attach(engine)
         await self.set_serving(not engine.is_dead)
         if self._watcher is None:
             self._watcher = asyncio.create_task(self._watch_engine(), name="pagedgen-health")
@@ -135,23 +183,33 @@ class PagedgenServer:
         within ``grace`` seconds, then stop the server. True if none was cut."""
         end = time.monotonic() + grace
         await self.set_serving(False)
+        if self._http is not None:
+            self._http.begin_drain()
         is_idle = True
         if self.engine is not None:
             self.engine.begin_drain()
             is_idle = await self.engine.wait_idle(grace)
+        if self._http is not None:
+            await self._http.stop(max(0.5, end - time.monotonic()))
         if self._watcher is not None:
             self._watcher.cancel()
         if self._server is not None:
             # Lets the last messages of finished streams flush; cancels the rest.
             await self._server.stop(max(0.5, end - time.monotonic()))
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
         return is_idle
 
     async def stop_now(self) -> None:
         """Stop at once, cutting running streams (their requests are aborted)."""
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._http is not None:
+            await self._http.stop(0)
         if self._server is not None:
             await self._server.stop(0)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
@@ -184,6 +242,7 @@ async def serve(engine_args, options: ServerOptions, grace_period: float = 30.0)
         info = engine.model_info
         log.info("server_ready", address=server.address, model=info.model, backend=info.backend,
                  num_kv_blocks=info.num_kv_blocks, tls=options.tls_cert_file is not None,
+                 openai_port=server.openai_port, metrics_port=server.metrics_port,
                  startup_s=round(time.perf_counter() - t0, 2))
         await stop.wait()
         log.info("server_draining", grace_s=grace_period)

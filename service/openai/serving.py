@@ -1,0 +1,252 @@
+"""Request -> engine -> response for /v1/completions and /v1/chat/completions.
+
+``OpenAIServing`` validates a typed request (sampling values by
+``SamplingParams``, prompts and messages by the engine's tokenizer), runs it
+on the shared ``AsyncEngine`` through an ``EngineRun``, and returns either a
+whole response body or an async iterator of server-sent events ending with
+``data: [DONE]``. The HTTP layer (``app.py``) only routes, authenticates and
+maps exceptions (``errors.py``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import structlog
+
+from engine.errors import InvalidRequestError
+from engine.outputs import CompletionOutput
+from engine.sampling_params import SamplingParams
+from scheduler.output import Logprobs
+from service.errors import ModelLoadingError
+from service.openai import responses as r
+from service.openai.engine_run import EngineRun, UsageCounter
+from service.openai.errors import ModelNotFoundError, error_of
+from service.openai.protocol import ChatCompletionRequest, CompletionRequest, InvalidFieldError
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class _Choice:
+    """One completion gathered for a non-streamed answer."""
+
+    text: str = ""
+    logprobs: list[Logprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, c: CompletionOutput) -> None:
+        self.text += c.text
+        self.logprobs.extend(c.logprobs or ())
+        if c.finish_reason is not None:
+            self.finish_reason, self.stop_reason = c.finish_reason, c.stop_reason
+
+
+@dataclass
+class EventStream:
+    """The server-sent events of a streamed answer. Closing it aborts whatever
+    still runs, whether or not anyone started reading the events."""
+
+    events: AsyncIterator[str]
+    run: EngineRun
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self.events
+
+    async def aclose(self) -> None:
+        await self.events.aclose()
+        await self.run.close()
+
+
+class OpenAIServing:
+    """Serves one engine (attached once loaded) under one model name."""
+
+    def __init__(self, engine=None, served_model_name: str | None = None, limits=None):
+        self._engine = engine
+        self._served_model_name = served_model_name
+        self._limits = limits          # service.limits.RequestLimits: what gRPC callers may ask for, too
+        self.created = int(time.time())
+        self._token_texts: dict[int, str] = {}
+        self.is_draining = False
+
+    @property
+    def is_serving(self) -> bool:
+        """An engine is attached, alive, and not draining."""
+        return self._engine is not None and not self._engine.is_dead and not self.is_draining
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            raise ModelLoadingError("the model is still loading; retry shortly")
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine) -> None:
+        self._engine = engine
+
+    @property
+    def model_name(self) -> str:
+        return self._served_model_name or self.engine.model_info.model
+
+    def check_model(self, name: str | None) -> None:
+        """Accept the served name, the ``--model`` path, or no name at all."""
+        if name is not None and name not in (self.model_name, self.engine.args.model):
+            raise ModelNotFoundError(name, self.model_name)
+
+    def models(self) -> r.ModelList:
+        return r.ModelList(data=[r.ModelCard(id=self.model_name, created=self.created,
+                                             max_model_len=self.engine.model_info.max_model_len)])
+
+    def _within_limits(self, params: SamplingParams, max_tokens_field: str | None) -> SamplingParams:
+        """``params`` under the server's request limits (an unset max_tokens is capped, not refused)."""
+        if self._limits is None:
+            return params
+        try:
+            return self._limits.enforce(params, max_tokens_given=max_tokens_field is not None)
+        except InvalidRequestError as e:    # names the gRPC field ("sampling.n"); HTTP's is "n"
+            field, _, rest = str(e).removeprefix("sampling.").partition(" ")
+            field = max_tokens_field if field == "max_tokens" and max_tokens_field else field
+            raise InvalidFieldError(field, f"{field} {rest}") from None
+
+    # -- endpoints -----------------------------------------------------------------
+
+    async def completion(self, body: CompletionRequest) -> r.CompletionResponse | EventStream:
+        self.check_model(body.model)
+        inputs = body.engine_prompts()
+        params = self._within_limits(body.sampling_params(), body.max_tokens_field)
+        run = EngineRun(self.engine, f"cmpl-{uuid.uuid4().hex}", inputs, params)
+        await run.start()
+        if body.stream:
+            return EventStream(self._completion_events(run, body.n, body.include_usage), run)
+        usage, choices = await _collect(run, body.n)
+        with_logprobs = body.logprobs is not None
+        return r.CompletionResponse(
+            id=run.request_id, created=int(time.time()), model=self.model_name, usage=usage.to_dict(),
+            choices=[r.CompletionChoice(index=k, text=ch.text, finish_reason=ch.finish_reason,
+                                        stop_reason=ch.stop_reason,
+                                        logprobs=self._completion_logprobs(ch.logprobs, [0]) if with_logprobs else None)
+                     for k, ch in sorted(choices.items())])
+
+    async def chat(self, body: ChatCompletionRequest) -> r.ChatCompletionResponse | EventStream:
+        self.check_model(body.model)
+        messages = body.engine_messages()
+        params = self._within_limits(body.sampling_params(), body.max_tokens_field)
+        run = EngineRun(self.engine, f"chatcmpl-{uuid.uuid4().hex}", [{"messages": messages}], params)
+        await run.start()
+        if body.stream:
+            return EventStream(self._chat_events(run, body.n, body.logprobs, body.include_usage), run)
+        usage, choices = await _collect(run, body.n)
+        return r.ChatCompletionResponse(
+            id=run.request_id, created=int(time.time()), model=self.model_name, usage=usage.to_dict(),
+            choices=[r.ChatChoice(index=k, message=r.AssistantMessage(content=ch.text), finish_reason=ch.finish_reason,
+                                  stop_reason=ch.stop_reason,
+                                  logprobs=self._chat_logprobs(ch.logprobs) if body.logprobs else None)
+                     for k, ch in sorted(choices.items())])
+
+    # -- server-sent events ----------------------------------------------------------
+
+    async def _completion_events(self, run: EngineRun, n: int, include_usage: bool) -> AsyncIterator[str]:
+        created, usage, offsets = int(time.time()), UsageCounter(), {}
+        chunk = dict(id=run.request_id, created=created, model=self.model_name)
+        try:
+            async for batch in run.batches():
+                for i, out in batch.items():
+                    usage.add(i, out)
+                    for c in out.outputs:
+                        if not (c.text or c.logprobs or c.finished):
+                            continue
+                        k = i * n + c.index
+                        logprobs = None
+                        if c.logprobs is not None:
+                            offset = offsets.setdefault(k, [0])
+                            logprobs = self._completion_logprobs(c.logprobs, offset)
+                        choice = r.CompletionChoice(index=k, text=c.text, logprobs=logprobs,
+                                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                        yield _event(r.CompletionResponse(choices=[choice], **chunk), include_usage)
+            if include_usage:
+                yield _event(r.CompletionResponse(choices=[], usage=usage.to_dict(), **chunk), True)
+        except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
+            yield _error_event(e, run.request_id)
+        yield "data: [DONE]\n\n"
+
+    async def _chat_events(self, run: EngineRun, n: int, logprobs: bool, include_usage: bool) -> AsyncIterator[str]:
+        created, usage = int(time.time()), UsageCounter()
+        chunk = dict(id=run.request_id, created=created, model=self.model_name)
+
+        def event(**choice) -> str:
+            return _event(r.ChatCompletionChunk(choices=[r.ChatChunkChoice(**choice)], **chunk), include_usage)
+
+        try:
+            for k in range(n):
+                yield event(index=k, delta={"role": "assistant", "content": ""})
+            async for batch in run.batches():
+                for out in batch.values():
+                    usage.add(0, out)
+                    for c in out.outputs:
+                        if c.text or c.logprobs:
+                            yield event(index=c.index, delta={"content": c.text},
+                                        logprobs=self._chat_logprobs(c.logprobs) if logprobs else None)
+                        if c.finished:
+                            yield event(index=c.index, delta={}, finish_reason=c.finish_reason,
+                                        stop_reason=c.stop_reason)
+            if include_usage:
+                yield _event(r.ChatCompletionChunk(choices=[], usage=usage.to_dict(), **chunk), True)
+        except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
+            yield _error_event(e, run.request_id)
+        yield "data: [DONE]\n\n"
+
+    # -- logprobs ------------------------------------------------------------------
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _completion_logprobs(self, lps: list[Logprobs], offset: list[int]) -> r.CompletionLogprobs:
+        """Legacy completions logprobs; ``offset`` (a one-item list) carries the
+        choice's text offset from one streamed chunk to the next."""
+        out = r.CompletionLogprobs()
+        for lp in lps:
+            token = self._token_text(lp.token_id)
+            out.tokens.append(token)
+            out.token_logprobs.append(max(lp.logprob, r.MIN_LOGPROB))
+            out.top_logprobs.append({self._token_text(t): max(v, r.MIN_LOGPROB) for t, v in lp.top})
+            out.text_offset.append(offset[0])
+            offset[0] += len(token)
+        return out
+
+    def _chat_logprobs(self, lps: list[Logprobs] | None) -> r.ChatLogprobs:
+        def top(token_id: int, logprob: float) -> r.TopLogprob:
+            token = self._token_text(token_id)
+            return r.TopLogprob(token=token, logprob=max(logprob, r.MIN_LOGPROB), bytes=list(token.encode()))
+
+        return r.ChatLogprobs(content=[
+            r.TokenLogprob(**top(lp.token_id, lp.logprob).model_dump(), top_logprobs=[top(t, v) for t, v in lp.top])
+            for lp in lps or ()])
+
+
+async def _collect(run: EngineRun, n: int) -> tuple[UsageCounter, dict[int, _Choice]]:
+    """A whole run: its usage, and its completions by choice index (prompt i's k-th is i * n + k)."""
+    usage, choices = UsageCounter(), {}
+    async for batch in run.batches():
+        for i, out in batch.items():
+            usage.add(i, out)
+            for c in out.outputs:
+                choices.setdefault(i * n + c.index, _Choice()).add(c)
+    return usage, choices
+
+
+def _event(model, include_usage: bool) -> str:
+    """One SSE event; chunks carry ``usage`` (null until the last) only when asked for."""
+    return f"data: {model.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
+
+
+def _error_event(exc: Exception, request_id: str) -> str:
+    status, body = error_of(exc, request_id)
+    log.warning("http_stream_failed", request_id=request_id, status=status, error=body.error.message)
+    return f"data: {body.model_dump_json()}\n\n"
