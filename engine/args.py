@@ -22,7 +22,11 @@ class EngineArgs:
     seed: int = 0                       # seed of unseeded sampling
     enable_prefix_caching: bool = True
     max_queue: int | None = None        # waiting requests at most (async engine); None: unbounded
+    max_prompt_tokens: int | None = None  # prompt tokens per request at most; None: max_model_len - 1
     num_threads: int | None = None      # CPU threads for the cpu backend; None: all cores
+    tensor_parallel_size: int = 1       # ranks the model is split over (worker processes; backends/tp)
+    gpu_memory_utilization: float = 0.9  # cuda: share of GPU memory this engine may use (KV cache sized from it)
+    cuda_graph_mode: str = "full"       # cuda: none | piecewise | full
 
     def __post_init__(self) -> None:
         from backends.base import BACKEND_NAMES
@@ -31,8 +35,8 @@ class EngineArgs:
             raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {self.backend!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        positive = ("max_num_seqs", "max_num_batched_tokens", "block_size")
-        optional_positive = ("kv_cache_memory", "num_kv_blocks", "max_model_len", "num_threads")
+        positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size")
+        optional_positive = ("kv_cache_memory", "num_kv_blocks", "max_model_len", "num_threads", "max_prompt_tokens")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -42,6 +46,10 @@ class EngineArgs:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.max_queue is not None and (not isinstance(self.max_queue, int) or self.max_queue < 0):
             raise ValueError(f"max_queue must be a non-negative integer, got {self.max_queue!r}")
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.cuda_graph_mode not in ("none", "piecewise", "full"):
+            raise ValueError(f"cuda_graph_mode must be one of none, piecewise, full, got {self.cuda_graph_mode!r}")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

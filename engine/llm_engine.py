@@ -16,7 +16,7 @@ import structlog
 from backends.base import Backend, create_backend, resolve_backend_name
 from engine.args import DEFAULT_KV_CACHE_MEMORY, EngineArgs
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import InvalidRequestError, RequestFailedError
+from engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from engine.model_loader import LoadedModel, load_model
 from engine.output_processor import CompletionState, OutputProcessor, RequestState, StopChecker
 from engine.outputs import RequestMetrics, RequestOutput
@@ -56,13 +56,22 @@ class LLMEngine:
         self.model_config = self.model.config
         self.max_model_len = min(args.max_model_len or self.model.max_model_len, self.model.max_model_len)
         self.backend_name = backend.name if backend else resolve_backend_name(args.backend)
+        device_options = {}
+        if self.backend_name == "cuda":
+            device_options = dict(gpu_memory_utilization=args.gpu_memory_utilization,
+                                  cuda_graph_mode=args.cuda_graph_mode, max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=self.max_model_len)
         self.backend = backend or create_backend(
             self.backend_name, self.model_config, self.model.weights, dtype=args.dtype, seed=args.seed,
-            num_threads=args.num_threads, eos_token_ids=tuple(self.tokenizer.eos_token_ids),
+            num_threads=args.num_threads, eos_token_ids=tuple(self.tokenizer.eos_token_ids), **device_options,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
         self.model.weights = {}                      # the backend holds its own copy now
+        kv_memory = args.kv_cache_memory
+        if kv_memory is None and args.num_kv_blocks is None and hasattr(self.backend, "profile_kv_cache_memory"):
+            kv_memory = self.backend.profile_kv_cache_memory(args.block_size)   # GPU: from gpu_memory_utilization
         num_blocks = args.num_kv_blocks or self.backend.num_blocks_for_memory(
-            args.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, args.block_size)
+            DEFAULT_KV_CACHE_MEMORY if kv_memory is None else kv_memory, args.block_size)
         if num_blocks < 1:
             raise ValueError("kv_cache_memory is too small for a single KV block")
         self.backend.allocate_kv_cache(num_blocks, args.block_size)
@@ -111,6 +120,10 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens, but this engine allows at most {limit - 1} "
                 f"(max_model_len={self.max_model_len}); shorten the prompt")
+        cap = self.args.max_prompt_tokens
+        if cap is not None and len(ids) > cap:
+            raise InvalidRequestError(f"prompt has {len(ids)} tokens, but this server accepts at most {cap} "
+                                      f"(max_prompt_tokens, pagedgen serve --max-prompt-tokens); shorten the prompt")
         return ids
 
     def add_request(self, request_id: str, *, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
@@ -163,8 +176,11 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty and not (sched.finished_request_ids or sched.preempted_request_ids):
             return []
+        scheduled_at = time.time()
         try:
             result = self.backend.execute(sched)
+        except EngineDeadError:
+            raise                    # fatal (e.g. a tensor-parallel rank died): the engine stops
         except Exception as e:  # noqa: BLE001 - a device failure fails this step's requests only
             raise self._fail_step(sched, e) from e
         self.num_steps += 1
@@ -172,7 +188,7 @@ class LLMEngine:
         for sr in sched.scheduled:
             state, _ = self.output.by_seq[sr.request_id]
             if state.metrics.first_scheduled_time is None:
-                state.metrics.first_scheduled_time = now
+                state.metrics.first_scheduled_time = scheduled_at
                 state.num_cached_tokens = max(0, self.scheduler.requests[sr.request_id].num_cached_tokens)
         changed: dict[str, RequestState] = {}
         finished_seqs = []
@@ -204,6 +220,7 @@ class LLMEngine:
             self.output.remove(state)
         # Blocks written by the failed step may hold garbage: forget their hashes.
         self.scheduler.kv.reset_prefix_cache()
+        self.scheduler.report_again(sched)
         return StepFailedError(sorted(parents), cause)
 
     def get_stats(self) -> EngineStats:
