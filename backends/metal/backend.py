@@ -1,0 +1,148 @@
+"""The metal backend: the Llama-family model in MLX over the paged KV cache.
+
+On Apple Silicon MLX runs on the GPU (Metal); elsewhere on MLX's CPU build,
+which is how CI tests it against the cpu backend. One ``execute`` call:
+
+1. drops the state (seeded keys) of finished / preempted requests;
+2. turns the scheduler's plain lists into int32 MLX arrays and the attention
+   metadata, once for all layers;
+3. builds the forward pass lazily and evaluates the logits and every layer's
+   new K/V cache in one ``mx.eval`` (so no graph outlives the step, and the
+   cache scatters reuse the cache buffers);
+4. samples the requests with ``needs_sample``.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import mlx.core as mx
+import numpy as np
+
+from backends.metal.attention import KVCache, build_attention_metadata
+from backends.metal.model import MLXLlamaModel, mlx_dtype
+from backends.metal.sampler import MetalSampler
+from engine.model_config import ModelConfig
+from scheduler.output import SchedulerOutput, StepResult
+
+
+class MetalBackend:
+    """``Backend`` on MLX (see ``backends/base.py`` for the life cycle).
+
+    ``dtype`` is the compute and KV cache dtype: ``float16`` / ``bfloat16`` on
+    Apple GPUs, ``float32`` where asked (and for parity tests). ``num_threads``
+    is accepted for the engine's common options and ignored: MLX sizes its own
+    CPU pool.
+    """
+
+    name = "metal"
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        weights: dict,
+        dtype: str = "float32",
+        seed: int = 0,
+        num_threads: int | None = None,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
+        self._mx_dtype = mlx_dtype(dtype)
+        self.dtype = dtype
+        self.model_config = model_config
+        self.device = str(mx.default_device())
+        self.model = MLXLlamaModel(model_config, weights, self._mx_dtype)
+        self.sampler = MetalSampler(eos_token_ids or model_config.eos_token_ids, seed=seed)
+        self.kv_caches: list[KVCache] = []
+        self.block_size = 0
+        self.num_blocks = 0
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes one KV block costs across all layers (K and V)."""
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        c = self.model_config
+        return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * self._mx_dtype.size
+
+    def num_blocks_for_memory(self, memory_bytes: int, block_size: int) -> int:
+        """How many KV blocks fit ``memory_bytes``."""
+        if memory_bytes < 0:
+            raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
+        return int(memory_bytes) // self.kv_block_bytes(block_size)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """One zeroed ``[num_blocks, block_size, Hkv, D]`` K and V array per layer."""
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+        c = self.model_config
+        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        self.kv_caches = [(mx.zeros(shape, dtype=self._mx_dtype), mx.zeros(shape, dtype=self._mx_dtype))
+                          for _ in range(c.num_hidden_layers)]
+        mx.eval(self.kv_caches)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
+        """Run one step: write new K/V, attend, sample where ``needs_sample``."""
+        self.sampler.drop(chain(scheduler_output.finished_request_ids, scheduler_output.preempted_request_ids))
+        if scheduler_output.is_empty:
+            return StepResult()
+        logits = self.compute_logits(scheduler_output)                                  # [N, V]
+        sampling = [r for r in scheduler_output.scheduled if r.needs_sample]
+        result = StepResult()
+        if not sampling:
+            return result
+        token_ids, logprobs = self.sampler.sample(logits, sampling)
+        for request, token_id, lp in zip(sampling, token_ids, logprobs):
+            result.sampled_token_ids[request.request_id] = token_id
+            if lp is not None:
+                result.logprobs[request.request_id] = lp
+        return result
+
+    def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False) -> mx.array:
+        """Run the model over the step; evaluated float32 logits ``[N, V]`` of the requests that sample.
+
+        Rows follow the order of ``scheduled`` among those with ``needs_sample``;
+        with ``all_tokens`` every scheduled token gets its row (``[T, V]``).
+        Writes the step's K/V into the cache like ``execute`` (which calls it).
+        """
+        if not self.kv_caches:
+            raise RuntimeError("allocate_kv_cache must be called before execute")
+        if scheduler_output.block_size != self.block_size:
+            raise ValueError(f"step block_size {scheduler_output.block_size} != cache block_size {self.block_size}")
+        scheduled = scheduler_output.scheduled
+        query_lens = [len(r.token_ids) for r in scheduled]
+        input_ids = mx.array(np.fromiter(chain.from_iterable(r.token_ids for r in scheduled), dtype=np.int32))  # [T]
+        positions = mx.array(np.concatenate([
+            np.arange(r.num_computed_tokens, r.num_computed_tokens + n, dtype=np.int32)
+            for r, n in zip(scheduled, query_lens)
+        ]))                                                                              # [T]
+        ends = np.cumsum(query_lens)
+        if all_tokens:
+            logits_indices = mx.arange(int(ends[-1]), dtype=mx.int32)                    # [T]
+        else:
+            sample_rows = [i for i, r in enumerate(scheduled) if r.needs_sample]
+            logits_indices = mx.array((ends[sample_rows] - 1).astype(np.int32))         # [N]
+        metadata = build_attention_metadata(
+            query_lens,
+            [r.num_computed_tokens for r in scheduled],
+            [r.block_table for r in scheduled],
+            list(chain.from_iterable(r.slot_mapping for r in scheduled)),
+            self.block_size,
+        )
+        caches, self.kv_caches = self.kv_caches, []      # the graph alone holds the old caches: scatter in place
+        try:
+            logits, caches = self.model.forward(input_ids, positions, caches, metadata, logits_indices)
+            mx.eval(logits, caches)
+        except BaseException:
+            self.kv_caches = caches                      # keep a cache list; the engine fails this step's requests
+            raise
+        self.kv_caches = caches
+        return logits
+
+    def shutdown(self) -> None:
+        """Release the KV cache and the weights."""
+        self.kv_caches = []
+        self.model = None
+        self.sampler.clear()
