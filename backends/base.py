@@ -81,8 +81,17 @@ def resolve_backend_name(name: str) -> str:
     return "cpu"
 
 
-def create_backend(name: str, model_config: ModelConfig, weights: dict[str, np.ndarray], **options) -> Backend:
-    """Import and construct the backend ``name`` (after ``resolve_backend_name``)."""
+def create_backend(name: str, model_config: ModelConfig, weights: dict[str, np.ndarray],
+                   tensor_parallel_size: int = 1, **options) -> Backend:
+    """Import and construct the backend ``name`` (after ``resolve_backend_name``).
+
+    With ``tensor_parallel_size`` > 1 the model is split over that many ranks
+    of device ``name`` (``backends.tp.executor.TPBackend``).
+    """
+    if tensor_parallel_size != 1:
+        from backends.tp.executor import TPBackend
+
+        return TPBackend(model_config, weights, tensor_parallel_size=tensor_parallel_size, device=name, **options)
     target = _REGISTRY.get(name)
     if target is None:
         raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")

@@ -74,6 +74,10 @@ class LlamaModel:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        # Tensor parallelism (backends/tp) sets these on a shard's model: a sum over
+        # the ranks of the row-parallel o_proj / down outputs, and a vocab-parallel lookup.
+        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.embedding: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.embedding
 
     def _move_weights(self) -> None:
         w = self.weights
@@ -103,7 +107,7 @@ class LlamaModel:
         if len(kv_caches) != len(self.weights.layers):
             raise ValueError(f"need one KV cache per layer ({len(self.weights.layers)}), got {len(kv_caches)}")
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)          # [T, 1, D/2] each
-        x = F.embedding(input_ids, self.weights.embed)                         # [T, hidden]
+        x = self.embedding(input_ids, self.weights.embed)                      # [T, hidden]
         for i, layer in enumerate(self.weights.layers):
             x = self._layer(i, layer, x, cos, sin, kv_caches[i], attn_metadata)  # [T, hidden]
         x = x.index_select(0, logits_indices)                                   # [N, hidden]
@@ -133,9 +137,11 @@ class LlamaModel:
         k = qk[:, h_q:]                                                        # [T, Hkv, D]
         v = qkv[:, (h_q + h_kv) * d:].view(num_tokens, h_kv, d)                 # [T, Hkv, D]
         attn = self.attention.forward(layer_idx, q, k, v, kv_cache, attn_metadata)  # [T, H, D]
-        x = x + linear(attn.reshape(num_tokens, h_q * d), w.o_proj, None)     # [T, hidden]
+        o = linear(attn.reshape(num_tokens, h_q * d), w.o_proj, None)         # [T, hidden]
+        x = x + (o if self.all_reduce is None else self.all_reduce(o))         # [T, hidden]
 
         h = rms_norm(x, w.post_norm, eps)                                      # [T, hidden]
         gate_up = linear(h, w.gate_up, None)                                   # [T, 2 * inter]
         gate, up = gate_up.chunk(2, dim=-1)                                    # [T, inter] each
-        return x + linear(F.silu(gate) * up, w.down, None)                     # [T, hidden]
+        down = linear(F.silu(gate) * up, w.down, None)                         # [T, hidden]
+        return x + (down if self.all_reduce is None else self.all_reduce(down))  # [T, hidden]
