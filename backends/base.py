@@ -7,6 +7,8 @@ The engine owns one backend. Its life:
    engine can size the scheduler's ``BlockPool``;
 3. ``allocate_kv_cache(num_blocks, block_size)`` once;
 4. ``execute(scheduler_output)`` once per step, on the engine's step thread;
+   while idle, the engine calls ``check_health()`` where a backend has it
+   (optional: a backend with worker processes raises there when one died);
 5. ``shutdown()``.
 
 Backends are picked through lazy-import factories, so a device framework

@@ -158,6 +158,7 @@ class AsyncEngine:
                 self._take_commands()
                 self._expire_deadlines()
                 if not self.engine.has_unfinished_requests():
+                    self.engine.check_health()          # a dead worker kills the engine while idle too
                     self._wake.wait(0.1)
                     self._wake.clear()
                     continue

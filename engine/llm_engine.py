@@ -169,6 +169,13 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.output.states)
 
+    def check_health(self) -> None:
+        """Raise if the backend reports it cannot serve (e.g. a worker process
+        died); backends without ``check_health`` are always healthy."""
+        check = getattr(self.backend, "check_health", None)
+        if check is not None:
+            check()
+
     # -- the loop body -----------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

@@ -223,7 +223,7 @@ class TPBackend:
 
     # -- failure -------------------------------------------------------------------
 
-    def check_workers(self) -> None:
+    def check_health(self) -> None:
         """Raise ``TensorParallelError`` if a rank has died (now or before)."""
         if self._error is not None:
             raise self._error
@@ -235,7 +235,7 @@ class TPBackend:
 
     def _collective(self, fn):
         """Run ``fn`` (driver's side of a command); any failure is fatal for the whole group."""
-        self.check_workers()
+        self.check_health()
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - ranks are out of step now: nothing can be retried

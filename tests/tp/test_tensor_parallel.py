@@ -170,3 +170,21 @@ def test_a_killed_worker_turns_the_service_not_serving_within_seconds(model_dirs
         server.stop(grace=0.5)
         engine.shutdown()
     assert worker.poll() == -signal.SIGKILL
+
+
+def test_a_worker_dying_while_idle_turns_the_service_not_serving(model_dirs):
+    from engine.async_engine import AsyncEngine
+    from tests.service.conftest import ServerThread, tiny_engine_args
+
+    engine = AsyncEngine(tiny_engine_args(str(model_dirs["qwen2-bias-tied"]), tensor_parallel_size=2))
+    server = ServerThread(engine)
+    (worker,) = engine.engine.backend.workers
+    try:
+        with server.client() as client:
+            assert client.health() == "SERVING"
+            os.kill(worker.pid, signal.SIGKILL)                   # no request in flight
+            assert _wait_for(lambda: client.health() == "NOT_SERVING", timeout=3)
+            assert engine.is_dead and "worker rank 1" in repr(engine.dead_error)
+    finally:
+        server.stop(grace=0.5)
+        engine.shutdown()
