@@ -184,7 +184,7 @@ def test_backend_sizes_and_validation(llama):
         backend.execute(step([PagedSequence("a", [1, 2], [0], BS).chunk(2)], BS))
 
 
-@pytest.mark.parametrize("rows", [0, 1, 3, 17])
+@pytest.mark.parametrize("rows", [0, 1, 3, 17, 300])
 @pytest.mark.parametrize("out_features,with_bias", [(24, False), (24, True), (5000, True), (9000, False)])
 def test_cpu_linear_equals_f_linear(rows, out_features, with_bias):
     g = torch.Generator().manual_seed(rows + out_features)
