@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import importlib
 import platform
-from typing import Protocol, runtime_checkable
+from itertools import chain
+from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -51,6 +52,32 @@ class Backend(Protocol):
 
     def shutdown(self) -> None:
         """Release device memory and worker threads."""
+
+
+def run_step(scheduler_output: SchedulerOutput, drop: Callable[[Iterable[str]], None],
+             compute_logits: Callable[[SchedulerOutput], Any],
+             sample: Callable[[Any, list], tuple[Sequence[int], Sequence[Any]]]) -> StepResult:
+    """The ``execute`` every device backend shares.
+
+    ``drop`` forgets the sampler state of finished and preempted requests;
+    ``compute_logits`` runs the model (logits of the requests with
+    ``needs_sample``, in ``scheduled`` order); ``sample(logits, rows)``
+    returns their token ids and logprobs (None where not asked).
+    """
+    drop(chain(scheduler_output.finished_request_ids, scheduler_output.preempted_request_ids))
+    result = StepResult()
+    if scheduler_output.is_empty:
+        return result
+    logits = compute_logits(scheduler_output)                                        # [N, V]
+    rows = [r for r in scheduler_output.scheduled if r.needs_sample]
+    if not rows:
+        return result
+    token_ids, logprobs = sample(logits, rows)
+    for request, token_id, lp in zip(rows, token_ids, logprobs):
+        result.sampled_token_ids[request.request_id] = token_id
+        if lp is not None:
+            result.logprobs[request.request_id] = lp
+    return result
 
 
 # name -> "module:factory"; the factory takes (model_config, weights, **options).

@@ -26,6 +26,7 @@ from backends.sampler import Sampler
 from backends.torch_model.model import LlamaModel
 from backends.torch_model.weights import torch_dtype
 from engine.model_config import ModelConfig
+from backends.base import run_step
 from scheduler.output import SchedulerOutput, StepResult
 
 
@@ -147,21 +148,12 @@ class CPUBackend:
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Run one step: write new K/V, attend, sample where ``needs_sample``."""
-        self.sampler.drop(chain(scheduler_output.finished_request_ids, scheduler_output.preempted_request_ids))
-        if scheduler_output.is_empty:
-            return StepResult()
-        logits = self.compute_logits(scheduler_output)                                  # [N, V]
-        sampling = [r for r in scheduler_output.scheduled if r.needs_sample]
-        result = StepResult()
-        if not sampling:
-            return result
+        return run_step(scheduler_output, self.sampler.drop, self.compute_logits, self._sample)
+
+    def _sample(self, logits: torch.Tensor, rows: list) -> tuple[list[int], list]:
         with torch.inference_mode():
-            sampled = self.sampler.sample(logits, sampling)
-        for request, token_id, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
-            result.sampled_token_ids[request.request_id] = token_id
-            if logprobs is not None:
-                result.logprobs[request.request_id] = logprobs
-        return result
+            sampled = self.sampler.sample(logits, rows)
+        return sampled.token_ids, sampled.logprobs
 
     def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False) -> torch.Tensor:
         """Run the model over the step; float32 logits ``[N, V]`` of the requests that sample.

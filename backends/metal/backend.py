@@ -23,6 +23,7 @@ from backends.metal.attention import KVCache, build_attention_metadata
 from backends.metal.model import MLXLlamaModel, mlx_dtype
 from backends.metal.sampler import MetalSampler
 from engine.model_config import ModelConfig
+from backends.base import run_step
 from scheduler.output import SchedulerOutput, StepResult
 
 
@@ -85,20 +86,7 @@ class MetalBackend:
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Run one step: write new K/V, attend, sample where ``needs_sample``."""
-        self.sampler.drop(chain(scheduler_output.finished_request_ids, scheduler_output.preempted_request_ids))
-        if scheduler_output.is_empty:
-            return StepResult()
-        logits = self.compute_logits(scheduler_output)                                  # [N, V]
-        sampling = [r for r in scheduler_output.scheduled if r.needs_sample]
-        result = StepResult()
-        if not sampling:
-            return result
-        token_ids, logprobs = self.sampler.sample(logits, sampling)
-        for request, token_id, lp in zip(sampling, token_ids, logprobs):
-            result.sampled_token_ids[request.request_id] = token_id
-            if lp is not None:
-                result.logprobs[request.request_id] = lp
-        return result
+        return run_step(scheduler_output, self.sampler.drop, self.compute_logits, self.sampler.sample)
 
     def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False) -> mx.array:
         """Run the model over the step; evaluated float32 logits ``[N, V]`` of the requests that sample.
