@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import platform
 from itertools import chain
-from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -52,6 +52,58 @@ class Backend(Protocol):
 
     def shutdown(self) -> None:
         """Release device memory and worker threads."""
+
+
+class StepRequest(NamedTuple):
+    """One scheduled request's place in a step's flattened token batch."""
+
+    start: int                   # first row of its new tokens
+    query_len: int               # new tokens
+    num_computed: int            # tokens already in the cache
+    context_len: int             # num_computed + query_len
+    num_blocks: int              # blocks its context spans
+    table: Sequence[int]         # its block table (at least num_blocks entries)
+
+
+def step_requests(query_lens: Sequence[int], num_computed_tokens: Sequence[int],
+                  block_tables: Sequence[Sequence[int]], slot_mapping: Sequence[int],
+                  block_size: int) -> Iterator[StepRequest]:
+    """Check a step's per-request lists (in token order) and walk its requests.
+
+    What every backend's attention-metadata builder starts from; raises
+    ``ValueError`` on lists that disagree.
+    """
+    if not len(query_lens) == len(num_computed_tokens) == len(block_tables):
+        raise ValueError("query_lens, num_computed_tokens and block_tables must have one entry per request")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    num_tokens = int(sum(query_lens))
+    if len(slot_mapping) != num_tokens:
+        raise ValueError(f"slot_mapping has {len(slot_mapping)} entries for {num_tokens} tokens")
+    start = 0
+    for q_len, num_computed, table in zip(query_lens, num_computed_tokens, block_tables):
+        if q_len < 1:
+            raise ValueError("every scheduled request needs at least one new token")
+        context_len = num_computed + q_len
+        num_blocks = -(-context_len // block_size)
+        if len(table) < num_blocks:
+            raise ValueError(f"block table of {len(table)} blocks cannot hold {context_len} tokens")
+        yield StepRequest(start, q_len, num_computed, context_len, num_blocks, table)
+        start += q_len
+
+
+def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, element_size: int) -> int:
+    """Bytes one KV block costs: K and V of ``block_size`` tokens in every layer."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
+
+
+def blocks_for_memory(memory_bytes: int, block_bytes: int) -> int:
+    """Whole KV blocks of ``block_bytes`` that fit ``memory_bytes`` (>= 0)."""
+    if memory_bytes < 0:
+        raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
+    return int(memory_bytes) // block_bytes
 
 
 def run_step(scheduler_output: SchedulerOutput, drop: Callable[[Iterable[str]], None],

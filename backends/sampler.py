@@ -76,6 +76,12 @@ class Sampler:
     def num_seeded_generators(self) -> int:
         return len(self._seeded)
 
+    def sample_rows(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[list[int], list[Logprobs | None]]:
+        """``sample`` in inference mode, as ``(token_ids, logprobs)`` (what ``backends.base.run_step`` takes)."""
+        with torch.inference_mode():
+            sampled = self.sample(logits, rows)
+        return sampled.token_ids, sampled.logprobs
+
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """Sample one token for each of ``rows`` from ``logits`` ``[N, V]`` (float32)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):

@@ -33,6 +33,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from backends.base import step_requests
+
 
 # Decode requests are gathered in groups of about this many bytes of K
 # (padding included), so each group's K/V copy is still in the CPU cache when
@@ -105,31 +107,18 @@ def build_attention_metadata(
     Masks are additive in ``dtype`` (the query dtype), so SDPA need not
     convert a boolean mask in every layer.
     """
-    if not len(query_lens) == len(num_computed_tokens) == len(block_tables):
-        raise ValueError("query_lens, num_computed_tokens and block_tables must have one entry per request")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if len(slot_mapping) != sum(query_lens):
-        raise ValueError(f"slot_mapping has {len(slot_mapping)} entries for {sum(query_lens)} tokens")
+    requests = list(step_requests(query_lens, num_computed_tokens, block_tables, slot_mapping, block_size))
     meta = CPUAttentionMetadata(
         slot_mapping=torch.as_tensor(slot_mapping, dtype=torch.int64, device=device), block_size=block_size
     )
     decodes = []                                    # (num_blocks, row, context_len, table)
-    start = 0
-    for q_len, num_computed, table in zip(query_lens, num_computed_tokens, block_tables):
-        if q_len < 1:
-            raise ValueError("every scheduled request needs at least one new token")
-        context_len = num_computed + q_len
-        num_ctx_blocks = -(-context_len // block_size)
-        if len(table) < num_ctx_blocks:
-            raise ValueError(f"block table of {len(table)} blocks cannot hold {context_len} tokens")
-        if q_len == 1:
-            decodes.append((num_ctx_blocks, start, context_len, table))
-        elif num_computed == 0:
-            meta.prefills.append(PrefillChunk(start, start + q_len, context_len, None, None))
+    for r in requests:
+        if r.query_len == 1:
+            decodes.append((r.num_blocks, r.start, r.context_len, r.table))
+        elif r.num_computed == 0:
+            meta.prefills.append(PrefillChunk(r.start, r.start + r.query_len, r.context_len, None, None))
         else:
-            meta.prefills += _prefix_chunks(start, q_len, num_computed, table, block_size, dtype, device)
-        start += q_len
+            meta.prefills += _prefix_chunks(r.start, r.query_len, r.num_computed, r.table, block_size, dtype, device)
     if native_decode:
         if decodes:
             max_blocks = max(d[0] for d in decodes)

@@ -26,7 +26,7 @@ from backends.sampler import Sampler
 from backends.torch_model.model import LlamaModel
 from backends.torch_model.weights import torch_dtype
 from engine.model_config import ModelConfig
-from backends.base import run_step
+from backends.base import blocks_for_memory, kv_block_bytes, run_step
 from scheduler.output import SchedulerOutput, StepResult
 
 
@@ -121,17 +121,13 @@ class CPUBackend:
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes one KV block costs across all layers (K and V)."""
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
         c = self.model_config
-        elem = torch.empty((), dtype=self._torch_dtype).element_size()
-        return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * elem
+        return kv_block_bytes(c.num_hidden_layers, block_size, c.num_key_value_heads, c.head_dim,
+                              torch.empty((), dtype=self._torch_dtype).element_size())
 
     def num_blocks_for_memory(self, memory_bytes: int, block_size: int) -> int:
         """How many KV blocks fit ``memory_bytes``."""
-        if memory_bytes < 0:
-            raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
-        return int(memory_bytes) // self.kv_block_bytes(block_size)
+        return blocks_for_memory(memory_bytes, self.kv_block_bytes(block_size))
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         """One zeroed ``[num_blocks, block_size, Hkv, D]`` K and V tensor per layer."""
@@ -148,12 +144,7 @@ class CPUBackend:
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Run one step: write new K/V, attend, sample where ``needs_sample``."""
-        return run_step(scheduler_output, self.sampler.drop, self.compute_logits, self._sample)
-
-    def _sample(self, logits: torch.Tensor, rows: list) -> tuple[list[int], list]:
-        with torch.inference_mode():
-            sampled = self.sampler.sample(logits, rows)
-        return sampled.token_ids, sampled.logprobs
+        return run_step(scheduler_output, self.sampler.drop, self.compute_logits, self.sampler.sample_rows)
 
     def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False) -> torch.Tensor:
         """Run the model over the step; float32 logits ``[N, V]`` of the requests that sample.

@@ -246,12 +246,7 @@ class CUDABackend:
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Run one step: write new K/V, attend, sample where ``needs_sample``."""
-        return run_step(scheduler_output, self.sampler.drop, self.compute_logits, self._sample)
-
-    def _sample(self, logits: torch.Tensor, rows: list) -> tuple[list[int], list]:
-        with torch.inference_mode():
-            sampled = self.sampler.sample(logits, rows)
-        return sampled.token_ids, sampled.logprobs
+        return run_step(scheduler_output, self.sampler.drop, self.compute_logits, self.sampler.sample_rows)
 
     def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False) -> torch.Tensor:
         """Float32 logits ``[N, V]`` of the requests that sample (every token with ``all_tokens``).

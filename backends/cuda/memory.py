@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from backends.base import kv_block_bytes  # noqa: F401 - the cuda backend sizes its cache with it
+
 
 @dataclass(frozen=True)
 class MemoryProfile:
@@ -45,9 +47,3 @@ def num_kv_blocks(memory_bytes: int, block_bytes: int) -> int:
         raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
     return max(0, int(memory_bytes)) // block_bytes
 
-
-def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, element_size: int) -> int:
-    """One block across all layers, K and V."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size

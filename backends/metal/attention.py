@@ -35,6 +35,8 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from backends.base import step_requests
+
 KVCache = tuple[mx.array, mx.array]   # (k_cache, v_cache) of one layer
 
 
@@ -84,31 +86,17 @@ def build_attention_metadata(
     With ``gather_all`` every request reads its keys from the cache, even a
     prefill with nothing cached before it (``paged_attention``'s contract).
     """
-    if not len(query_lens) == len(num_computed_tokens) == len(block_tables):
-        raise ValueError("query_lens, num_computed_tokens and block_tables must have one entry per request")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    num_tokens = int(sum(query_lens))
-    if len(slot_mapping) != num_tokens:
-        raise ValueError(f"slot_mapping has {len(slot_mapping)} entries for {num_tokens} tokens")
     decodes: list[tuple[int, int, Sequence[int]]] = []      # (row, context_len, table)
     prefills: list[PrefillChunk] = []
-    start = 0
-    for q_len, num_computed, table in zip(query_lens, num_computed_tokens, block_tables):
-        if q_len < 1:
-            raise ValueError("every scheduled request needs at least one new token")
-        context_len = num_computed + q_len
-        num_ctx_blocks = -(-context_len // block_size)
-        if len(table) < num_ctx_blocks:
-            raise ValueError(f"block table of {len(table)} blocks cannot hold {context_len} tokens")
-        if q_len == 1:
-            decodes.append((start, context_len, table))
+    for r in step_requests(query_lens, num_computed_tokens, block_tables, slot_mapping, block_size):
+        if r.query_len == 1:
+            decodes.append((r.start, r.context_len, r.table))
         else:
             block_ids = None
-            if num_computed or gather_all:
-                block_ids = mx.array(np.asarray(table[:num_ctx_blocks], dtype=np.int32))   # [nb]
-            prefills.append(PrefillChunk(start, start + q_len, context_len, block_ids))
-        start += q_len
+            if r.num_computed or gather_all:
+                block_ids = mx.array(np.asarray(r.table[:r.num_blocks], dtype=np.int32))   # [nb]
+            prefills.append(PrefillChunk(r.start, r.start + r.query_len, r.context_len, block_ids))
+    num_tokens = len(slot_mapping)
     meta = MetalAttentionMetadata(
         slot_mapping=mx.array(np.asarray(slot_mapping, dtype=np.int32)), block_size=block_size,
         num_tokens=num_tokens, prefills=prefills,

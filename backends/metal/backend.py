@@ -19,11 +19,11 @@ from itertools import chain
 import mlx.core as mx
 import numpy as np
 
+from backends.base import blocks_for_memory, kv_block_bytes, run_step
 from backends.metal.attention import KVCache, build_attention_metadata
 from backends.metal.model import MLXLlamaModel, mlx_dtype
 from backends.metal.sampler import MetalSampler
 from engine.model_config import ModelConfig
-from backends.base import run_step
 from scheduler.output import SchedulerOutput, StepResult
 
 
@@ -61,16 +61,12 @@ class MetalBackend:
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes one KV block costs across all layers (K and V)."""
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
         c = self.model_config
-        return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * self._mx_dtype.size
+        return kv_block_bytes(c.num_hidden_layers, block_size, c.num_key_value_heads, c.head_dim, self._mx_dtype.size)
 
     def num_blocks_for_memory(self, memory_bytes: int, block_size: int) -> int:
         """How many KV blocks fit ``memory_bytes``."""
-        if memory_bytes < 0:
-            raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
-        return int(memory_bytes) // self.kv_block_bytes(block_size)
+        return blocks_for_memory(memory_bytes, self.kv_block_bytes(block_size))
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         """One zeroed ``[num_blocks, block_size, Hkv, D]`` K and V array per layer."""

@@ -26,13 +26,13 @@ import subprocess
 import sys
 import time
 import weakref
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import structlog
 import torch
 
+from backends.base import blocks_for_memory, run_step
 from backends.cpu.backend import available_cores
 from backends.sampler import Sampler
 from backends.tp import comm
@@ -174,9 +174,7 @@ class TPBackend:
 
     def num_blocks_for_memory(self, memory_bytes: int, block_size: int) -> int:
         """How many KV blocks fit ``memory_bytes`` on each rank."""
-        if memory_bytes < 0:
-            raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
-        return int(memory_bytes) // self.kv_block_bytes(block_size)
+        return blocks_for_memory(memory_bytes, self.kv_block_bytes(block_size))
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         """Every rank allocates ``num_blocks`` blocks of its KV heads."""
@@ -185,27 +183,17 @@ class TPBackend:
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Run one step on all ranks; sample on the driver."""
-        self.sampler.drop(chain(scheduler_output.finished_request_ids, scheduler_output.preempted_request_ids))
-        if scheduler_output.is_empty:
-            return StepResult()
+        return run_step(scheduler_output, self.sampler.drop, self._run_model, self.sampler.sample_rows)
+
+    def _run_model(self, scheduler_output: SchedulerOutput) -> torch.Tensor | None:
+        """Every rank runs its shard; the driver gets logits ``[N, V]`` (None when no row samples)."""
         step = model_inputs_only(scheduler_output)
 
         def run() -> torch.Tensor | None:
             self.group.broadcast_object(("step", step))
             return self.runner.run(step)                                         # [N, V] or None
 
-        logits = self._collective(run)
-        result = StepResult()
-        if logits is None:
-            return result
-        sampling = [r for r in scheduler_output.scheduled if r.needs_sample]
-        with torch.inference_mode():
-            sampled = self.sampler.sample(logits, sampling)
-        for request, token_id, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
-            result.sampled_token_ids[request.request_id] = token_id
-            if logprobs is not None:
-                result.logprobs[request.request_id] = logprobs
-        return result
+        return self._collective(run)
 
     def shutdown(self) -> None:
         """Tell the workers to stop, reap them (killing any that linger), free rank 0's shard."""
