@@ -1,33 +1,40 @@
-"""The engine for servers: the step loop on its own thread, asyncio streams out.
+"""The engine for servers: the step loop off the event loop, asyncio streams out.
 
 Callers on an event loop submit requests and read delta outputs through an
-async generator; the loop thread owns the ``LLMEngine`` and is the only one
-that touches it. Commands (add, abort) travel to it through a queue; outputs
-travel back through ``loop.call_soon_threadsafe`` into per-request queues,
-so a model step never blocks the event loop.
+async generator. The step loop (``engine.core.EngineLoop``) runs either
+
+- on a thread of this process (the default here, and what tests that reach
+  into the ``LLMEngine`` use), or
+- in an engine process of its own (``engine_process=True``, what
+  ``pagedgen serve`` runs): its main thread steps the model, so neither the
+  GIL nor a busy event loop ever holds a step back, and this process keeps
+  only the tokenizer (``engine.core_process``).
+
+Commands (add, abort) travel to the loop in order; each loop iteration's
+outputs come back as one batch, handed to each caller's event loop in one
+call, so a step wakes a loop once, not once per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import structlog
 
 from engine.args import EngineArgs
 from engine.errors import EngineDeadError, EngineShutdownError, QueueFullError
-from engine.llm_engine import EngineStats, LLMEngine, StepFailedError, failed_error
+from engine.llm_engine import EngineStats, LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 log = structlog.get_logger(__name__)
-
-# Consecutive failed steps after which the engine declares itself dead.
-MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 @dataclass(frozen=True)
@@ -41,98 +48,124 @@ class ModelInfo:
     backend: str
     dtype: str
 
+    @classmethod
+    def of(cls, engine: LLMEngine) -> "ModelInfo":
+        return cls(model=engine.model.name, max_model_len=engine.max_model_len,
+                   vocab_size=engine.tokenizer.vocab_size, eos_token_ids=tuple(engine.tokenizer.eos_token_ids),
+                   block_size=engine.scheduler.config.block_size, num_kv_blocks=engine.scheduler.config.num_kv_blocks,
+                   backend=engine.backend_name, dtype=engine.args.dtype)
 
+
+@dataclass
 class _Sink:
-    """Where the loop thread delivers one request's outputs."""
+    """Where one stream's items land: a queue read on its caller's loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
 
-    def put(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:      # the caller's loop is closed: nobody listens any more
-            pass
+
+def _put_all(pairs: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in pairs:
+        q.put_nowait(item)
 
 
 class AsyncEngine:
-    def __init__(self, args: EngineArgs, *, engine: LLMEngine | None = None):
+    def __init__(self, args: EngineArgs, *, engine: LLMEngine | None = None, engine_process: bool = False,
+                 process_initializer: Callable | None = None, initializer_args: tuple = ()):
+        """``process_initializer(*initializer_args)`` runs first in an engine
+        process (e.g. to set up logging); it must be importable by name."""
         self.args = args
-        self.engine = engine or LLMEngine(args)
-        self.tokenizer = self.engine.tokenizer
-        sched = self.engine.scheduler.config
-        self.model_info = ModelInfo(
-            model=self.engine.model.name, max_model_len=self.engine.max_model_len,
-            vocab_size=self.tokenizer.vocab_size, eos_token_ids=tuple(self.tokenizer.eos_token_ids),
-            block_size=sched.block_size, num_kv_blocks=sched.num_kv_blocks,
-            backend=self.engine.backend_name, dtype=args.dtype,
-        )
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._sinks: dict[str, _Sink] = {}          # owned by the loop thread
-        self._deadlines: dict[str, float] = {}      # owned by the loop thread
+        self._sinks: dict[int, _Sink] = {}          # stream token -> sink; written by callers, popped by dispatch
+        self._tokens = itertools.count(1)
         self._num_submitted = 0                     # adds sent (written by callers' loop only)
-        self._num_taken = 0                         # adds taken (written by the loop thread only)
         self._draining = False
-        self._stopping = False
         self.is_dead = False
         self.dead_error: BaseException | None = None
-        # Called on the loop thread with every delta output delivered (e.g. service.metrics).
+        # Called with every delta output delivered (e.g. service.metrics), on the
+        # thread that dispatches outputs (the loop thread, or the process reader).
         self.output_observers: list[Callable[[RequestOutput], None]] = []
-        self._thread = threading.Thread(target=self._run, name="pagedgen-engine", daemon=True)
-        self._thread.start()
+        if engine_process:
+            if engine is not None:
+                raise ValueError("an engine process builds its own LLMEngine; do not pass one")
+            from engine.core_process import EngineProcess
+
+            self.engine = None
+            self._core = EngineProcess(args, self._dispatch, self._on_death, self._fail_unclaimed,
+                                       process_initializer, initializer_args)
+            self.tokenizer, self.model_info = self._core.tokenizer, self._core.model_info
+        else:
+            self.engine = engine or LLMEngine(args)
+            self._core = _EngineThread(self.engine, self._dispatch, self._on_death)
+            self.tokenizer, self.model_info = self.engine.tokenizer, ModelInfo.of(self.engine)
+        self._core.start()
 
     # -- caller side (any event loop) ------------------------------------------
 
     def get_stats(self) -> EngineStats:
-        return self.engine.get_stats()
+        return self._core.get_stats()
+
+    @property
+    def engine_process_pid(self) -> int | None:
+        return getattr(self._core, "pid", None)
 
     @property
     def _num_pending(self) -> int:
-        return self._num_submitted - self._num_taken
+        return self._num_submitted - self._core.num_adds_taken
 
     @property
     def num_unfinished(self) -> int:
-        return len(self._sinks) + self._num_pending
+        return len(self._sinks)
 
-    async def generate(self, request_id: str, *, prompt: str | None = None,
-                       prompt_token_ids: list[int] | None = None, messages: list[dict] | None = None,
-                       sampling_params: SamplingParams | None = None, cache_salt: str | None = None,
-                       deadline: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream delta outputs of one request; closing the stream aborts it."""
+    async def generate(self, request_id: str, **kwargs) -> AsyncIterator[RequestOutput]:
+        """Stream delta outputs of one request; closing the stream aborts it.
+        Takes the keyword arguments of ``generate_batches``."""
+        async with aclosing(self.generate_batches(request_id, **kwargs)) as batches:
+            async for batch in batches:
+                for out in batch:
+                    yield out
+
+    async def generate_batches(self, request_id: str, *, prompt: str | None = None,
+                               prompt_token_ids: list[int] | None = None, messages: list[dict] | None = None,
+                               sampling_params: SamplingParams | None = None, cache_salt: str | None = None,
+                               deadline: float | None = None) -> AsyncIterator[list[RequestOutput]]:
+        """Stream one request's delta outputs in lists: each list holds every
+        delta that arrived since the previous one (one, unless the reader
+        fell behind), so a slow writer sends a backlog as one message.
+        Closing the stream aborts the request; an error ends it after the
+        deltas before it."""
         if self.is_dead:
             raise EngineDeadError(f"engine is not serving: {self.dead_error!r}")
-        if self._draining or self._stopping:
+        if self._draining or self._core.stopping:
             raise EngineShutdownError("server is shutting down; retry on another replica")
         max_queue = self.args.max_queue
-        if max_queue is not None and self.engine.scheduler.num_waiting + self._num_pending >= max_queue:
+        if max_queue is not None and self._core.get_stats().num_waiting + self._num_pending >= max_queue:
             raise QueueFullError(f"request queue is full ({max_queue} waiting); retry later")
-        sink = _Sink(asyncio.get_running_loop())
+        token = next(self._tokens)
+        sink = self._sinks[token] = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         kwargs = dict(prompt=prompt, prompt_token_ids=prompt_token_ids, messages=messages,
                       sampling_params=sampling_params, cache_salt=cache_salt)
         self._num_submitted += 1
-        self._commands.put(("add", request_id, sink, kwargs, deadline))
-        self._wake.set()
+        self._core.send(("add", token, request_id, kwargs, deadline))
         finished = False
         try:
-            while True:
-                item = await sink.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
+            while not finished:
+                batch = [await sink.queue.get()]
+                while not sink.queue.empty():
+                    batch.append(sink.queue.get_nowait())
+                error = batch[-1] if isinstance(batch[-1], BaseException) else None
+                if error is not None:
+                    batch.pop()
+                finished = error is not None or batch[-1].finished
+                if batch:
+                    yield batch
+                if error is not None:
+                    raise error
         finally:
             if not finished:
-                self._commands.put(("abort", request_id, sink))
-                self._wake.set()
+                self._core.send(("abort", token, request_id))
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id, None))
-        self._wake.set()
+        self._core.send(("abort", None, request_id))
 
     def begin_drain(self) -> None:
         self._draining = True
@@ -144,110 +177,100 @@ class AsyncEngine:
         return not self.num_unfinished
 
     def shutdown(self) -> None:
-        self._stopping = True
+        self._core.shutdown()
+
+    # -- dispatch (the loop thread, or the engine process's reader thread) ---------
+
+    def _dispatch(self, items: list[tuple[int, object]]) -> None:
+        """Hand one iteration's items to their streams: one call per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for token, item in items:
+            if isinstance(item, RequestOutput):
+                for observe in self.output_observers:
+                    try:
+                        observe(item)
+                    except Exception:  # noqa: BLE001 - an observer never stops the loop
+                        log.warning("output_observer_failed", exc_info=True)
+                done = item.finished
+            else:
+                done = True
+            sink = self._sinks.pop(token, None) if done else self._sinks.get(token)
+            if sink is not None:
+                by_loop.setdefault(sink.loop, []).append((sink.queue, item))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, pairs)
+            except RuntimeError:      # the caller's loop is closed: nobody listens any more
+                pass
+
+    def _on_death(self, error: BaseException) -> None:
+        self.dead_error, self.is_dead = error, True
+        log.error("engine_dead", error=repr(error))
+
+    def _fail_unclaimed(self, error: BaseException) -> None:
+        """End the streams the core can no longer answer (its process is gone)."""
+        self._dispatch([(token, error) for token in list(self._sinks)])
+
+
+class _EngineThread:
+    """The step loop on a thread of this process."""
+
+    def __init__(self, engine: LLMEngine, dispatch, on_death):
+        from engine.core import EngineLoop
+
+        self.engine = engine
+        self.loop = EngineLoop(engine, dispatch)
+        self._on_death = on_death
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self.stopping = False
+        self._thread = threading.Thread(target=self._run, name="pagedgen-engine", daemon=True)
+
+    @property
+    def num_adds_taken(self) -> int:
+        return self.loop.num_adds_taken
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def send(self, cmd: tuple) -> None:
+        self._commands.put(cmd)
+        self._wake.set()
+
+    def get_stats(self) -> EngineStats:
+        return self.engine.get_stats()
+
+    def shutdown(self) -> None:
+        self.stopping = True
         self._wake.set()
         self._thread.join(timeout=30)
         self.engine.shutdown()
 
-    # -- loop thread -------------------------------------------------------------
+    def _pending(self) -> list[tuple]:
+        out = []
+        while True:
+            try:
+                out.append(self._commands.get_nowait())
+            except queue.Empty:
+                return out
 
     def _run(self) -> None:
-        failures = 0
+        loop = self.loop
+        error: BaseException = EngineShutdownError("engine stopped")
         try:
-            while not self._stopping:
-                self._take_commands()
-                self._expire_deadlines()
-                if not self.engine.has_unfinished_requests():
+            while not self.stopping:
+                loop.handle(self._pending())
+                loop.expire_deadlines()
+                loop.flush()
+                if not loop.has_work:
                     self.engine.check_health()          # a dead worker kills the engine while idle too
                     self._wake.wait(0.1)
                     self._wake.clear()
                     continue
-                try:
-                    outputs = self.engine.step()
-                    failures = 0
-                except StepFailedError as e:
-                    failures += 1
-                    for rid in e.request_ids:
-                        self._deliver_error(rid, failed_error(rid, e))
-                    if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
-                        raise
-                    continue
-                for out in outputs:
-                    self._deliver(out)
+                loop.step()
+                loop.flush()
         except BaseException as e:  # noqa: BLE001 - the loop must report, never vanish
-            self.is_dead, self.dead_error = True, e
-            log.error("engine_dead", error=repr(e))
+            self._on_death(e)
+            error = EngineDeadError(f"engine is not serving: {e!r}")
         finally:
-            self._fail_all()
-
-    def _pending_commands(self):
-        """Every command queued so far, oldest first, without blocking."""
-        while True:
-            try:
-                yield self._commands.get_nowait()
-            except queue.Empty:
-                return
-
-    def _abort(self, request_id: str) -> None:
-        out = self.engine.abort_request(request_id)
-        if out is not None:
-            self._deliver(out)
-
-    def _take_commands(self) -> None:
-        for cmd in self._pending_commands():
-            if cmd[0] == "add":
-                _, rid, sink, kwargs, deadline = cmd
-                self._num_taken += 1
-                try:
-                    self.engine.add_request(rid, **kwargs)
-                except Exception as e:  # noqa: BLE001 - handed to the caller as its error
-                    sink.put(e)
-                    continue
-                self._sinks[rid] = sink
-                if deadline is not None:
-                    self._deadlines[rid] = deadline
-            else:
-                _, rid, sink = cmd
-                if rid in self._sinks and (sink is None or self._sinks[rid] is sink):
-                    self._abort(rid)
-
-    def _expire_deadlines(self) -> None:
-        if not self._deadlines:
-            return
-        now = time.time()
-        for rid in [r for r, d in self._deadlines.items() if d <= now]:
-            self._abort(rid)
-            self._deadlines.pop(rid, None)
-
-    def _deliver(self, out: RequestOutput) -> None:
-        for observe in self.output_observers:
-            try:
-                observe(out)
-            except Exception:  # noqa: BLE001 - an observer never stops the loop
-                log.warning("output_observer_failed", exc_info=True)
-        sink = self._sinks.get(out.request_id)
-        if out.finished:
-            self._sinks.pop(out.request_id, None)
-            self._deadlines.pop(out.request_id, None)
-        if sink is not None:
-            sink.put(out)
-
-    def _deliver_error(self, request_id: str, error: BaseException) -> None:
-        self._deadlines.pop(request_id, None)
-        sink = self._sinks.pop(request_id, None)
-        if sink is not None:
-            sink.put(error)
-
-    def _fail_all(self) -> None:
-        err = (EngineDeadError(f"engine is not serving: {self.dead_error!r}") if self.is_dead
-               else EngineShutdownError("engine stopped"))
-        for rid in list(self._sinks):
-            try:
-                self.engine.abort_request(rid)
-            except Exception:  # noqa: BLE001 - best effort while dying
-                pass
-            self._deliver_error(rid, err)
-        for cmd in self._pending_commands():
-            if cmd[0] == "add":
-                self._num_taken += 1
-                cmd[2].put(err)
+            loop.fail_all(error, self._pending())

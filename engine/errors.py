@@ -29,6 +29,10 @@ class RequestFailedError(PagedgenError):
     def __init__(self, request_id: str, message: str):
         super().__init__(f"request {request_id} failed: {message}")
         self.request_id = request_id
+        self.message = message
+
+    def __reduce__(self):                   # crosses the engine process's pipe
+        return type(self), (self.request_id, self.message)
 
 
 class EngineDeadError(PagedgenError):

@@ -59,6 +59,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0              # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
+    emitted_time: float | None = None       # when the AsyncEngine handed this delta over (time.time())
 
     @property
     def num_generated_tokens(self) -> int:

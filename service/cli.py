@@ -69,6 +69,9 @@ def _add_serve_parser(sub) -> None:
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="disable automatic prefix caching")
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads of the cpu backend (default: all cores)")
+    g.add_argument("--engine-mode", choices=("process", "thread"), default="process",
+                   help="where the step loop runs: its own process (the model never waits for the GIL "
+                        "the server's event loop holds), or a thread of the server process")
     g.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="split the model over N ranks (worker processes over torch.distributed; threads shared)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -124,7 +127,8 @@ def _run_serve(args: argparse.Namespace) -> int:
                             log_requests=args.log_requests, limits=RequestLimits(
                                 max_n=args.max_n, max_tokens=args.max_output_tokens,
                                 max_stop_strings=args.max_stop_strings, max_stop_string_len=args.max_stop_string_len))
-    return asyncio.run(serve(engine_args, options, args.grace_period))
+    return asyncio.run(serve(engine_args, options, args.grace_period, engine_process=args.engine_mode == "process",
+                             log_config=(args.log_format, args.log_level)))
 
 
 def _add_generate_parser(sub) -> None:
@@ -214,3 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,9 @@ can live in one process (tests). Three sources feed it:
   latency and queue time, from the engine's own timestamps
   (``RequestMetrics``);
 - in the gRPC servicer (``observe_generate``): each request's outcome, by
-  finish reason when it succeeded, by status code when it failed.
+  finish reason when it succeeded, by status code when it failed; and for
+  every message, how long its delta took from the engine's step to being
+  sent (``observe_delivery``): the latency the service adds to each token.
 
 Tokens and latencies come from the engine, so they cover every front end
 that shares it (the OpenAI HTTP API too); outcomes are counted where a status
@@ -34,6 +36,7 @@ pagedgen_time_to_first_token_seconds               histogram  arrival to first t
 pagedgen_time_per_output_token_seconds             histogram  (finish - first token) / (tokens - 1)
 pagedgen_e2e_request_latency_seconds               histogram  arrival to finish
 pagedgen_request_queue_time_seconds                histogram  arrival to first scheduled
+pagedgen_stream_delivery_seconds                   histogram  engine step done to the delta's gRPC message sent
 pagedgen_request_success_total{finish_reason}      counter    requests served: stop, length, abort
 pagedgen_request_failure_total{code}               counter    requests failed, by gRPC status code
 =================================================  =========  ======================================
@@ -55,6 +58,8 @@ from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 log = structlog.get_logger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+DELIVERY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025,
+                    0.05, 0.1, 0.25, 0.5, 1.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 
 
@@ -104,6 +109,9 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("pagedgen_request_queue_time_seconds",
                                     "Time from arrival to being first scheduled.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.delivery = Histogram("pagedgen_stream_delivery_seconds",
+                                  "Time from the engine step that produced a delta to its gRPC message being sent.",
+                                  buckets=DELIVERY_BUCKETS, registry=r)
         self.success = Counter("pagedgen_request_success", "Requests served, by the finish reason of completion 0.",
                                ["finish_reason"], registry=r)
         self.failure = Counter("pagedgen_request_failure", "Requests failed, by gRPC status code.", ["code"],
@@ -165,6 +173,10 @@ class ServerMetrics:
         per_seq = getattr(m, "num_generation_tokens", 0) / max(1, len(out.outputs))
         if m.finished_time is not None and per_seq > 1:
             self.tpot.observe(max(0.0, m.finished_time - m.first_token_time) / (per_seq - 1))
+
+    def observe_delivery(self, seconds: float) -> None:
+        """One message sent ``seconds`` after its engine step (event loop)."""
+        self.delivery.observe(max(0.0, seconds))
 
     def observe_outcome(self, code: str, finish_reasons: dict[int, str]) -> None:
         if code == "OK":

@@ -216,11 +216,15 @@ class PagedgenServer:
             await self._server.wait_for_termination()
 
 
-async def serve(engine_args, options: ServerOptions, grace_period: float = 30.0) -> int:
+async def serve(engine_args, options: ServerOptions, grace_period: float = 30.0, *, engine_process: bool = True,
+                log_config: tuple[str, str | None] = ("console", None)) -> int:
     """Load the engine, serve until SIGTERM/SIGINT, drain, exit code 0.
 
     A second signal during the drain cuts the remaining streams (exit 1).
+    With ``engine_process`` the step loop runs in a child process, whose logs
+    use ``log_config`` (format, level) too.
     """
+    from service.logging import configure_logging
     from engine.async_engine import AsyncEngine    # loads torch: only when serving
 
     loop = asyncio.get_running_loop()
@@ -233,7 +237,8 @@ async def serve(engine_args, options: ServerOptions, grace_period: float = 30.0)
     log.info("server_loading", address=server.address, model=engine_args.model or "default",
              backend=engine_args.backend)
     try:
-        engine = await asyncio.to_thread(AsyncEngine, engine_args)
+        engine = await asyncio.to_thread(AsyncEngine, engine_args, engine_process=engine_process,
+                                         process_initializer=configure_logging, initializer_args=log_config)
     except BaseException:
         await server.stop_now()
         raise

@@ -4,7 +4,8 @@ Each method is wrapped by ``errors.map_errors``, the one place that turns
 exceptions into status codes. A cancelled call or a passed deadline cancels
 the handler task; closing the engine's stream aborts the request inside the
 engine, so its KV blocks return to the pool within one step. Deltas that
-pile up behind a slow write go out as one message (``service.streaming``).
+pile up behind a slow write go out as one message (``generate_batches``
+hands them over together, ``service.streaming.merge_deltas`` joins them).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from service import convert
 from service.errors import ModelLoadingError, map_errors
 from service.metrics import observe_generate
 from service.limits import RequestLimits
-from service.streaming import coalesced, merge_deltas
+from service.streaming import merge_deltas
 
 log = structlog.get_logger(__name__)
 
@@ -61,8 +62,8 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         deadline = None if remaining is None else time.time() + remaining
         start, first_token_s, status = time.perf_counter(), None, "error"
         try:
-            outputs = self.engine.generate(inp.request_id, deadline=deadline, **inp.engine_kwargs())
-            async with aclosing(coalesced(outputs)) as batches:
+            batches = self.engine.generate_batches(inp.request_id, deadline=deadline, **inp.engine_kwargs())
+            async with aclosing(batches):
                 async for batch in batches:
                     msgs = stream.to_pb(merge_deltas(batch))
                     if first_token_s is None and stream.num_completion_tokens:
@@ -73,6 +74,9 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                         if texts is not None:
                             texts[msg.index] = texts.get(msg.index, "") + msg.text
                         yield msg
+                    if self.metrics is not None and msgs and batch[0].emitted_time is not None:
+                        # gRPC resumes this generator once the message is sent
+                        self.metrics.observe_delivery(time.time() - batch[0].emitted_time)
             status = "ok"
         except (asyncio.CancelledError, GeneratorExit):  # the client went away or gRPC's deadline passed
             status = "cancelled"

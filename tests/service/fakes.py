@@ -9,6 +9,7 @@ with each request.
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from engine.async_engine import ModelInfo
@@ -52,6 +53,11 @@ class FakeEngine:
 
     def get_stats(self) -> EngineStats:
         return EngineStats(len(self.running), 0, 64, 64 - 2 * len(self.running), 0, 0, 0)
+
+    async def generate_batches(self, request_id: str, **kwargs):
+        async with aclosing(self.generate(request_id, **kwargs)) as outs:
+            async for out in outs:
+                yield [out]
 
     async def generate(self, request_id: str, *, prompt=None, prompt_token_ids=None, messages=None,
                        sampling_params: SamplingParams | None = None, cache_salt=None, deadline=None):

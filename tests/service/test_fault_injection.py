@@ -13,7 +13,8 @@ import time
 import grpc
 import pytest
 
-from engine.async_engine import MAX_CONSECUTIVE_STEP_FAILURES, AsyncEngine
+from engine.async_engine import AsyncEngine
+from engine.core import MAX_CONSECUTIVE_STEP_FAILURES
 from pagedgen_client import PagedgenClientError, RetryPolicy
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc

@@ -98,6 +98,9 @@ def test_counters_and_histograms_move_by_what_was_served(metrics_server):
     tpot_sum = delta(after, before, "pagedgen_time_per_output_token_seconds_sum")
     assert 0 < queue_sum < ttft_sum < e2e_sum
     assert tpot_sum * 399 == pytest.approx(e2e_sum - ttft_sum, rel=1e-6)
+    # Every message sent was timed from its engine step; deltas a slow write held back share one.
+    assert 3 <= delta(after, before, "pagedgen_stream_delivery_seconds_count") <= 1200
+    assert 0 < delta(after, before, "pagedgen_stream_delivery_seconds_sum") < e2e_sum
     assert delta(after, before, "pagedgen_prefix_cache_queried_tokens_total") == 60
     assert value(after, "pagedgen_requests_running") == value(after, "pagedgen_requests_waiting") == 0
     assert value(after, "pagedgen_kv_cache_usage_ratio") == 0

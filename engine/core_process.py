@@ -1,0 +1,211 @@
+"""The engine core in a process of its own (``AsyncEngine(engine_process=True)``).
+
+The child process (started with ``spawn``) builds the ``LLMEngine`` and runs
+``EngineLoop`` on its main thread, so the model steps with the GIL to
+itself: the server's event loop, gRPC and protobuf run in the parent and
+never stall a step, and a step never delays a message. The parent keeps the
+tokenizer the child sends once it is ready (for Tokenize, Detokenize and the
+HTTP API).
+
+Wire, over one ``multiprocessing`` pipe (pickled tuples):
+
+- parent -> child: ``("add", token, request_id, kwargs, deadline)``,
+  ``("abort", token | None, request_id)``, ``("stop",)``; a sender thread
+  writes them, so a large prompt never blocks the event loop on a full pipe;
+- child -> parent: ``("ready", ModelInfo, Tokenizer, EngineStats)`` or
+  ``("failed", error)`` once; then ``("tick", items, EngineStats, adds_taken)``
+  after every loop iteration that did something (items: ``(token, output or
+  error)``); ``("dead", error)`` if the loop dies.
+
+A reader thread in the parent dispatches the items to the streams. If the
+child exits without saying why (killed, out of memory), the pipe closes and
+the engine is dead: every stream fails with ``EngineDeadError`` and health
+goes NOT_SERVING. The child ignores SIGINT (a terminal's Ctrl-C reaches the
+whole process group; the parent drains and then stops it), and exits when
+the parent's end of the pipe closes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import queue
+import signal
+import threading
+from collections.abc import Callable
+
+import structlog
+
+from engine.args import EngineArgs
+from engine.errors import EngineDeadError, EngineShutdownError
+from engine.llm_engine import EngineStats
+
+log = structlog.get_logger(__name__)
+
+# How long an idle child waits for a command before checking backend health.
+IDLE_POLL_S = 0.1
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling, else a RuntimeError that names it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _portable_items(items: list[tuple[int, object]]) -> list[tuple[int, object]]:
+    return [(t, _portable(x) if isinstance(x, BaseException) else x) for t, x in items]
+
+
+def run_engine_core(args: EngineArgs, conn, initializer: Callable | None, initializer_args: tuple) -> None:
+    """The child's main: build the engine, then loop until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initializer_args)
+    from engine.async_engine import ModelInfo
+    from engine.core import EngineLoop
+    from engine.llm_engine import LLMEngine
+
+    try:
+        engine = LLMEngine(args)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("failed", _portable(e)))
+        return
+    def tick(items: list) -> None:
+        conn.send(("tick", _portable_items(items), engine.get_stats(), loop.num_adds_taken))
+
+    loop = EngineLoop(engine, tick)
+    try:
+        conn.send(("ready", ModelInfo.of(engine), engine.tokenizer, engine.get_stats()))
+        _serve(engine, loop, tick, conn)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass                                   # the parent is gone: nobody to serve
+    except BaseException as e:  # noqa: BLE001 - the loop must report, never vanish
+        log.error("engine_dead", error=repr(e))
+        try:
+            loop.fail_all(EngineDeadError(f"engine is not serving: {e!r}"))
+            conn.send(("dead", _portable(e)))
+        except Exception:  # noqa: BLE001 - the parent notices the closed pipe instead
+            pass
+    finally:
+        engine.shutdown()
+        conn.close()
+
+
+def _serve(engine, loop, tick, conn) -> None:
+    while True:
+        commands = []
+        timeout = 0.0 if loop.has_work else IDLE_POLL_S
+        while conn.poll(timeout):
+            cmd = conn.recv()
+            if cmd[0] == "stop":
+                loop.handle(commands)
+                loop.fail_all(EngineShutdownError("engine stopped"))
+                return
+            commands.append(cmd)
+            timeout = 0.0
+        loop.handle(commands)
+        loop.expire_deadlines()
+        if not loop.flush() and commands:
+            tick([])                           # adds queued: new stats and counts
+        if not loop.has_work:
+            engine.check_health()              # a dead tensor-parallel worker kills the engine while idle
+            continue
+        loop.step()
+        if not loop.flush():
+            tick([])                           # a prefill chunk: nothing to stream, but new stats
+
+
+class EngineProcess:
+    """The parent's side: start the child, send commands, dispatch what comes back."""
+
+    def __init__(self, args: EngineArgs, dispatch: Callable[[list], None], on_death: Callable[[BaseException], None],
+                 on_exit: Callable[[BaseException], None], initializer: Callable | None = None,
+                 initializer_args: tuple = ()):
+        """``on_death(error)``: the loop died; ``on_exit(error)``: the child is
+        gone, fail every stream it did not end."""
+        self._dispatch = dispatch
+        self._on_death = on_death
+        self._on_exit = on_exit
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        # Not a daemon: a daemonic process may not start the tensor-parallel workers.
+        self.process = ctx.Process(target=run_engine_core, name="pagedgen-engine-core",
+                                   args=(args, child_conn, initializer, initializer_args))
+        self.process.start()
+        child_conn.close()
+        try:
+            msg = self._conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise RuntimeError(f"the engine process exited with code {self.process.exitcode} while loading "
+                               f"the model (see its log above)") from None
+        if msg[0] == "failed":
+            self.process.join(30)
+            raise msg[1]
+        _, self.model_info, self.tokenizer, self._stats = msg
+        self.num_adds_taken = 0
+        self.stopping = False
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="pagedgen-engine-sender", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="pagedgen-engine-reader", daemon=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def start(self) -> None:
+        self._sender.start()
+        self._reader.start()
+
+    def send(self, cmd: tuple) -> None:
+        self._outbox.put(cmd)
+
+    def get_stats(self) -> EngineStats:
+        return self._stats
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the child (its streams end with EngineShutdownError) and wait for it."""
+        if not self.stopping:
+            self.stopping = True
+            self._outbox.put(("stop",))
+        self._sender.join(timeout)
+        self._reader.join(timeout)
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self._conn.close()
+
+    def _send_loop(self) -> None:
+        while True:
+            cmd = self._outbox.get()
+            try:
+                self._conn.send(cmd)
+            except (OSError, ValueError):     # the child is gone; the reader reports it
+                return
+            if cmd[0] == "stop":
+                return
+
+    def _read_loop(self) -> None:
+        error: BaseException | None = None
+        try:
+            while True:
+                msg = self._conn.recv()
+                if msg[0] == "tick":
+                    _, items, self._stats, self.num_adds_taken = msg
+                    if items:
+                        self._dispatch(items)
+                elif msg[0] == "dead":
+                    error = msg[1]
+        except (EOFError, OSError):
+            pass
+        self.process.join(5)
+        if error is None and not self.stopping:
+            error = RuntimeError(f"the engine process exited with code {self.process.exitcode}")
+        if error is not None:
+            self._on_death(error)
+        self._on_exit(EngineDeadError(f"engine is not serving: {error!r}") if error is not None
+                      else EngineShutdownError("engine stopped"))
