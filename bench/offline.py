@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 
 from bench.datasets import BenchRequest, Conversation, add_dataset_args, dataset_config, take
+from bench.launch import add_engine_args
 from bench.report import RequestRecord, format_table, plot, records_json, summarize, write_json
 from engine.args import EngineArgs
 from engine.llm_engine import LLMEngine
@@ -118,17 +119,34 @@ def tokenized(engine: LLMEngine, convs: list[Conversation]) -> list[Conversation
     return [Conversation([ids(r) for r in c.turns], c.resend_history) for c in convs]
 
 
+def engine_args(args) -> EngineArgs:
+    """The engine options of a bench command line (``bench.launch.ENGINE_FLAGS``)."""
+    return EngineArgs(model=args.model, backend=args.backend, dtype=args.dtype,
+                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                      kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
+                      enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
+                      num_threads=args.num_threads, tensor_parallel_size=args.tensor_parallel_size)
+
+
+def prepare(engine: LLMEngine, cfg, convs: list[Conversation], *, warmup: bool) -> None:
+    """What a long-running server would have done before the workload: a tiny
+    warm-up request (whose blocks are then dropped from the prefix cache, so
+    the workload gets no hit from it) and, for shared-prefix, the prefix in
+    the cache."""
+    first = convs[0].turns[0]
+    if warmup:
+        run_engine(engine, [BenchRequest(first.prompt_token_ids[:16], 4)])
+        engine.scheduler.kv.reset_prefix_cache()
+    if cfg.name == "shared-prefix":
+        run_engine(engine, [replace(first, max_tokens=1)])
+
+
 def main(args) -> int:
     cfg = dataset_config(args)
     if args.compare == "hf" and cfg.name == "multi-turn":
         raise ValueError("--compare hf needs a single-turn dataset (random, shared-prefix or jsonl)")
-    engine_args = EngineArgs(model=args.model, backend=args.backend, dtype=args.dtype,
-                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                             kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
-                             enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
-                             num_threads=args.num_threads, tensor_parallel_size=args.tensor_parallel_size)
     t0 = time.perf_counter()
-    engine = LLMEngine(engine_args)
+    engine = LLMEngine(engine_args(args))
     load_s = time.perf_counter() - t0
     try:
         return _run(engine, args, cfg, load_s)
@@ -139,14 +157,9 @@ def main(args) -> int:
 def _run(engine: LLMEngine, args, cfg, load_s: float) -> int:
     tok = engine.tokenizer
     convs = tokenized(engine, take(cfg, args.num_requests, engine.model_config.vocab_size, tok.all_special_ids))
-    first = convs[0].turns[0]
     report: dict = {"benchmark": "offline", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "config": {k: v for k, v in vars(args).items() if k != "func"}, "load_s": load_s}
-    if cfg.name == "shared-prefix":
-        # One warm request puts the prefix in the cache, as a long-running server would have it.
-        run_engine(engine, [replace(first, max_tokens=1)])
-    if args.warmup:
-        run_engine(engine, [BenchRequest(first.prompt_token_ids[:16], 4)])
+    prepare(engine, cfg, convs, warmup=args.warmup)
     result = run_workload(engine, convs)
     records = result.pop("records")
     summary = summarize(records, result["elapsed_s"])
@@ -194,19 +207,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("offline", help="benchmark the engine without the service",
                               description="Run a workload through the offline engine; "
                                           "--compare hf adds Hugging Face transformers generate() in the same run.")
-    p.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", default="auto", help="auto|cpu|cuda|metal")
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--num-requests", type=int, default=64, help="requests (multi-turn: conversations)")
     add_dataset_args(p)
     g = p.add_argument_group("engine")
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes")
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--num-threads", type=int, default=None)
-    g.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks the model is split over")
-    g.add_argument("--no-enable-prefix-caching", action="store_true")
+    add_engine_args(g)
     g.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the tiny warm-up request")
     o = p.add_argument_group("baseline and report")
     o.add_argument("--compare", choices=("hf",), default=None, help="also run HF transformers generate()")

@@ -136,3 +136,43 @@ def test_bad_load_options_are_usage_errors(bench_server, capsys):
               "--request-rate", "1,2", "--no-progress"])
     assert e.value.code == 2
     assert "sweep either" in capsys.readouterr().err
+
+
+def test_compare_offline_launches_a_server_and_reports_what_the_service_costs(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "cmp.json"
+    png = tmp_path / "cmp.png"
+    rc = main(["bench", "serve", "--compare", "offline", "--repeat", "2", "--model", tiny_model_dir,
+               "--backend", "cpu", "--num-kv-blocks", "256", "--num-threads", "1", "--concurrency", "4",
+               "--num-requests", "6", "--input-len", "8:40", "--output-len", "4:12", "--no-progress",
+               "--output", str(out), "--plot", str(png)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert 0 < report["start_to_serving_s"] < 120 and "start to SERVING" in printed
+    assert len(report["repeats"]) == 2 and "median" in printed
+    for rep in report["repeats"]:
+        offline, (level,) = rep["offline"], rep["levels"]
+        # The same workload both ways: the same tokens in and out, all at once vs. through gRPC.
+        assert (offline["total_input_tokens"], offline["total_output_tokens"]) == \
+            (level["total_input_tokens"], level["total_output_tokens"])
+        assert offline["completed"] == level["completed"] == 6 and offline["cached_prompt_tokens"] == 0
+        ratio = level["vs_offline"]["output_throughput_ratio"]
+        assert ratio == pytest.approx(level["output_throughput"] / offline["output_throughput"])
+        delivery = level["server"]["delivery"]
+        # One message per streamed delta at least; every one of them was timed.
+        assert delivery["messages"] >= level["total_output_tokens"] // 4
+        assert 0 <= delivery["p50_ms"] <= delivery["p90_ms"] <= delivery["p99_ms"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_histogram_quantiles_interpolate_inside_the_bucket():
+    from bench.serve import histogram_quantile
+
+    before = [(0.001, 10.0), (0.002, 10.0), (0.005, 10.0), (float("inf"), 10.0)]
+    after = [(0.001, 10.0), (0.002, 30.0), (0.005, 40.0), (float("inf"), 50.0)]
+    # 40 new observations: 20 in (1, 2] ms, 10 in (2, 5] ms, 10 above 5 ms.
+    assert histogram_quantile(0.25, before, after) == pytest.approx(0.0015)
+    assert histogram_quantile(0.5, before, after) == pytest.approx(0.002)
+    assert histogram_quantile(0.625, before, after) == pytest.approx(0.0035)
+    assert histogram_quantile(0.99, before, after) == pytest.approx(0.005)    # the +Inf bucket: its lower bound
+    assert histogram_quantile(0.5, after, after) is None
