@@ -80,6 +80,7 @@ class GenerateInput:
     messages: list[dict] | None = None
     cache_salt: str | None = None
     return_token_ids: bool = True
+    return_timing: bool = False
 
     def engine_kwargs(self) -> dict[str, Any]:
         return dict(prompt=self.prompt, prompt_token_ids=self.prompt_token_ids, messages=self.messages,
@@ -96,6 +97,7 @@ def generate_request_from_pb(msg: pb.GenerateRequest) -> GenerateInput:
     out = GenerateInput(request_id=msg.request_id or new_request_id(),
                         sampling_params=sampling_params_from_pb(msg.sampling),
                         return_token_ids=msg.return_token_ids if msg.HasField("return_token_ids") else True,
+                        return_timing=msg.return_timing,
                         cache_salt=msg.cache_salt if msg.HasField("cache_salt") and msg.cache_salt else None)
     kind = msg.WhichOneof("input")
     if kind is None:
@@ -157,6 +159,7 @@ class ResponseStream:
 
     request_id: str
     return_token_ids: bool = True
+    return_timing: bool = False
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: dict[int, int] = field(default_factory=dict)     # index -> tokens so far
@@ -176,6 +179,10 @@ class ResponseStream:
             elif not (c.text or c.token_ids or c.logprobs):
                 continue                            # nothing new for this completion
             msgs.append(completion_to_pb(self.request_id, c, return_token_ids=self.return_token_ids, usage=usage))
+        if self.return_timing and out.emitted_time is not None:
+            nanos = int(out.emitted_time * 1e9)
+            for msg in msgs:
+                msg.engine_time_unix_nanos = nanos
         return msgs
 
     @property

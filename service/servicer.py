@@ -57,7 +57,7 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         inp.sampling_params = self.limits.enforce(inp.sampling_params,
                                                   max_tokens_given=request.sampling.HasField("max_tokens"))
         texts = _log_request_text(inp) if self.log_requests else None
-        stream = convert.ResponseStream(inp.request_id, inp.return_token_ids)
+        stream = convert.ResponseStream(inp.request_id, inp.return_token_ids, inp.return_timing)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.time() + remaining
         start, first_token_s, status = time.perf_counter(), None, "error"

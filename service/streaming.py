@@ -32,4 +32,5 @@ def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
             into.finish_reason, into.stop_reason = c.finish_reason, c.stop_reason
     last = outputs[-1]
     return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids, list(merged.values()),
-                         last.finished, last.num_cached_tokens, last.metrics)
+                         last.finished, last.num_cached_tokens, last.metrics,
+                         emitted_time=outputs[0].emitted_time)     # the oldest delta's: it waited longest

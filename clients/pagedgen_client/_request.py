@@ -41,6 +41,7 @@ def generate_request(
     cache_salt: str | None,
     return_token_ids: bool,
     sampling: Mapping[str, Any],
+    return_timing: bool = False,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from exactly one of prompt / messages / prompt_token_ids."""
     given = [x is not None for x in (prompt, messages, prompt_token_ids)]
@@ -59,6 +60,8 @@ def generate_request(
         msg.prompt_token_ids.ids.extend(prompt_token_ids)
     if cache_salt is not None:
         msg.cache_salt = cache_salt
+    if return_timing:
+        msg.return_timing = True
     return msg
 
 

@@ -62,6 +62,7 @@ class AsyncClient:
         request_id: str | None = None,
         cache_salt: str | None = None,
         return_token_ids: bool = True,
+        return_timing: bool = False,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **sampling: Any,
@@ -74,7 +75,8 @@ class AsyncClient:
         """
         req = _request.generate_request(
             prompt, messages=messages, prompt_token_ids=prompt_token_ids, request_id=request_id,
-            cache_salt=cache_salt, return_token_ids=return_token_ids, sampling=sampling)
+            cache_salt=cache_salt, return_token_ids=return_token_ids, sampling=sampling,
+            return_timing=return_timing)
         return self._stream(req, timeout, metadata)
 
     async def _stream(self, req: pb.GenerateRequest, timeout: float | None,

@@ -70,6 +70,7 @@ class Client:
         request_id: str | None = None,
         cache_salt: str | None = None,
         return_token_ids: bool = True,
+        return_timing: bool = False,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **sampling: Any,
@@ -82,10 +83,14 @@ class Client:
         ``stop``, ``n``, ``logprobs``...), ``None`` meaning the server's
         default. ``timeout`` (seconds) is the call's gRPC deadline. Closing
         the iterator early cancels the request on the server.
+        ``return_timing`` stamps each chunk with ``engine_time``, when the
+        server's engine produced it (to measure what the service and the
+        network add).
         """
         req = _request.generate_request(
             prompt, messages=messages, prompt_token_ids=prompt_token_ids, request_id=request_id,
-            cache_salt=cache_salt, return_token_ids=return_token_ids, sampling=sampling)
+            cache_salt=cache_salt, return_token_ids=return_token_ids, sampling=sampling,
+            return_timing=return_timing)
         return self._stream(req, timeout, metadata)
 
     def _stream(self, req: pb.GenerateRequest, timeout: float | None,

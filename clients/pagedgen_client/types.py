@@ -53,6 +53,7 @@ class GenerateChunk:
     finish_reason: str | None                   # None while running, then stop / length / abort
     stop_reason: str | int | None               # the matched stop string or stop token id
     usage: Usage | None                         # on the completion's last chunk
+    engine_time: float | None = None            # return_timing: when the engine produced it (Unix s, server clock)
 
     @property
     def finished(self) -> bool:
@@ -70,6 +71,7 @@ class GenerateChunk:
             finish_reason=_FINISH_REASONS.get(msg.finish_reason),
             stop_reason=None if kind is None else getattr(msg, kind),
             usage=Usage.from_pb(msg.usage) if msg.HasField("usage") else None,
+            engine_time=msg.engine_time_unix_nanos / 1e9 if msg.engine_time_unix_nanos else None,
         )
 
 

@@ -48,6 +48,18 @@ def test_streamed_deltas_add_up_to_the_text_and_the_token_ids(tiny_client):
     assert all(lp.rank == 1 and len(lp.top) == 2 and lp.top[0][0] == lp.token_id for lp in logprobs)  # greedy
 
 
+def test_return_timing_stamps_each_chunk_with_when_the_engine_produced_it(tiny_client):
+    start = time.time()
+    timed = list(tiny_client.generate(PROMPTS[0], max_tokens=12, ignore_eos=True, temperature=0, return_timing=True))
+    received = time.time()
+    stamps = [c.engine_time for c in timed]
+    assert all(start < t <= received for t in stamps)
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)    # one step per token, in order
+    plain = list(tiny_client.generate(PROMPTS[0], max_tokens=12, ignore_eos=True, temperature=0))
+    assert all(c.engine_time is None for c in plain)
+    assert [c.token_ids for c in plain] == [c.token_ids for c in timed]
+
+
 def test_greedy_over_grpc_equals_the_offline_llm(tiny_server, tiny_client):
     from engine import LLM, SamplingParams
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagedgen/v1/generate.proto\x12\x0bpagedgen.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.pagedgen.v1.ChatMessage\"\xac\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\x05H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\n \x01(\x05H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\x05H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x04\n\x02_nB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_output\"\xa9\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x15.pagedgen.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.pagedgen.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.pagedgen.v1.SamplingParams\x12\x1d\n\x10return_token_ids\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\x17\n\ncache_salt\x18\x07 \x01(\tH\x02\x88\x01\x01\x42\x07\n\x05inputB\x13\n\x11_return_token_idsB\r\n\x0b_cache_salt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"o\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.pagedgen.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x95\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.pagedgen.v1.TokenLogprobs\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.pagedgen.v1.FinishReason\x12\x12\n\x08stop_str\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\rH\x00\x12!\n\x05usage\x18\t \x01(\x0b\x32\x12.pagedgen.v1.UsageB\r\n\x0bstop_reason\"U\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.pagedgen.v1.ChatMessagesH\x00\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xaf\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xbf\x01\n\x10GetStatsResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x05 \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x06 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x07 \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x82\x03\n\x08Generate\x12I\n\x08Generate\x12\x1c.pagedgen.v1.GenerateRequest\x1a\x1d.pagedgen.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.pagedgen.v1.TokenizeRequest\x1a\x1d.pagedgen.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.pagedgen.v1.DetokenizeRequest\x1a\x1f.pagedgen.v1.DetokenizeResponse\x12J\n\tModelInfo\x12\x1d.pagedgen.v1.ModelInfoRequest\x1a\x1e.pagedgen.v1.ModelInfoResponse\x12G\n\x08GetStats\x12\x1c.pagedgen.v1.GetStatsRequest\x1a\x1d.pagedgen.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagedgen/v1/generate.proto\x12\x0bpagedgen.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.pagedgen.v1.ChatMessage\"\xac\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\x05H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\n \x01(\x05H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\x05H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x04\n\x02_nB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_output\"\xd7\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x15.pagedgen.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.pagedgen.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.pagedgen.v1.SamplingParams\x12\x1d\n\x10return_token_ids\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\x17\n\ncache_salt\x18\x07 \x01(\tH\x02\x88\x01\x01\x12\x1a\n\rreturn_timing\x18\x08 \x01(\x08H\x03\x88\x01\x01\x42\x07\n\x05inputB\x13\n\x11_return_token_idsB\r\n\x0b_cache_saltB\x10\n\x0e_return_timing\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"o\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.pagedgen.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xb5\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.pagedgen.v1.TokenLogprobs\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.pagedgen.v1.FinishReason\x12\x12\n\x08stop_str\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\rH\x00\x12!\n\x05usage\x18\t \x01(\x0b\x32\x12.pagedgen.v1.Usage\x12\x1e\n\x16\x65ngine_time_unix_nanos\x18\n \x01(\x04\x42\r\n\x0bstop_reason\"U\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.pagedgen.v1.ChatMessagesH\x00\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xaf\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xbf\x01\n\x10GetStatsResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x05 \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x06 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x07 \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x82\x03\n\x08Generate\x12I\n\x08Generate\x12\x1c.pagedgen.v1.GenerateRequest\x1a\x1d.pagedgen.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.pagedgen.v1.TokenizeRequest\x1a\x1d.pagedgen.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.pagedgen.v1.DetokenizeRequest\x1a\x1f.pagedgen.v1.DetokenizeResponse\x12J\n\tModelInfo\x12\x1d.pagedgen.v1.ModelInfoRequest\x1a\x1e.pagedgen.v1.ModelInfoResponse\x12G\n\x08GetStats\x12\x1c.pagedgen.v1.GetStatsRequest\x1a\x1d.pagedgen.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagedgen.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2363
-  _globals['_FINISHREASON']._serialized_end=2483
+  _globals['_FINISHREASON']._serialized_start=2441
+  _globals['_FINISHREASON']._serialized_end=2561
   _globals['_TOKENIDS']._serialized_start=43
   _globals['_TOKENIDS']._serialized_end=66
   _globals['_CHATMESSAGE']._serialized_start=68
@@ -42,31 +42,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=175
   _globals['_SAMPLINGPARAMS']._serialized_end=859
   _globals['_GENERATEREQUEST']._serialized_start=862
-  _globals['_GENERATEREQUEST']._serialized_end=1159
-  _globals['_TOPLOGPROB']._serialized_start=1161
-  _globals['_TOPLOGPROB']._serialized_end=1208
-  _globals['_TOKENLOGPROBS']._serialized_start=1210
-  _globals['_TOKENLOGPROBS']._serialized_end=1321
-  _globals['_USAGE']._serialized_start=1323
-  _globals['_USAGE']._serialized_end=1410
-  _globals['_GENERATERESPONSE']._serialized_start=1413
-  _globals['_GENERATERESPONSE']._serialized_end=1690
-  _globals['_TOKENIZEREQUEST']._serialized_start=1692
-  _globals['_TOKENIZEREQUEST']._serialized_end=1777
-  _globals['_TOKENIZERESPONSE']._serialized_start=1779
-  _globals['_TOKENIZERESPONSE']._serialized_end=1816
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1818
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1914
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1916
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1950
-  _globals['_MODELINFOREQUEST']._serialized_start=1952
-  _globals['_MODELINFOREQUEST']._serialized_end=1970
-  _globals['_MODELINFORESPONSE']._serialized_start=1973
-  _globals['_MODELINFORESPONSE']._serialized_end=2148
-  _globals['_GETSTATSREQUEST']._serialized_start=2150
-  _globals['_GETSTATSREQUEST']._serialized_end=2167
-  _globals['_GETSTATSRESPONSE']._serialized_start=2170
-  _globals['_GETSTATSRESPONSE']._serialized_end=2361
-  _globals['_GENERATE']._serialized_start=2486
-  _globals['_GENERATE']._serialized_end=2872
+  _globals['_GENERATEREQUEST']._serialized_end=1205
+  _globals['_TOPLOGPROB']._serialized_start=1207
+  _globals['_TOPLOGPROB']._serialized_end=1254
+  _globals['_TOKENLOGPROBS']._serialized_start=1256
+  _globals['_TOKENLOGPROBS']._serialized_end=1367
+  _globals['_USAGE']._serialized_start=1369
+  _globals['_USAGE']._serialized_end=1456
+  _globals['_GENERATERESPONSE']._serialized_start=1459
+  _globals['_GENERATERESPONSE']._serialized_end=1768
+  _globals['_TOKENIZEREQUEST']._serialized_start=1770
+  _globals['_TOKENIZEREQUEST']._serialized_end=1855
+  _globals['_TOKENIZERESPONSE']._serialized_start=1857
+  _globals['_TOKENIZERESPONSE']._serialized_end=1894
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1896
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1992
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1994
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2028
+  _globals['_MODELINFOREQUEST']._serialized_start=2030
+  _globals['_MODELINFOREQUEST']._serialized_end=2048
+  _globals['_MODELINFORESPONSE']._serialized_start=2051
+  _globals['_MODELINFORESPONSE']._serialized_end=2226
+  _globals['_GETSTATSREQUEST']._serialized_start=2228
+  _globals['_GETSTATSREQUEST']._serialized_end=2245
+  _globals['_GETSTATSRESPONSE']._serialized_start=2248
+  _globals['_GETSTATSRESPONSE']._serialized_end=2439
+  _globals['_GENERATE']._serialized_start=2564
+  _globals['_GENERATE']._serialized_end=2950
 # @@protoc_insertion_point(module_scope)
