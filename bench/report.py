@@ -9,6 +9,11 @@ Definitions (as in vLLM's serving benchmark):
 - ITL: every gap between two consecutive streamed chunks that carry tokens.
 - E2E latency: time from sending a request to its last token.
 - Goodput: completed requests per second that met every SLO given.
+- ITL added (``bench serve``, from the engine's timestamp on each message):
+  per gap, the client's ITL minus the engine's time between the two steps:
+  what the service and the network added to it. Free of clock offsets.
+- Delivery lag: client receive time minus the engine's timestamp; only
+  meaningful when client and server share a clock (the same host).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class RequestRecord:
     latency_s: float | None = None
     itls_s: list[float] = field(default_factory=list)
     error: str | None = None            # the status code's name when it failed
+    itls_added_s: list[float] = field(default_factory=list)     # per gap: client ITL - engine step gap
+    lags_s: list[float] = field(default_factory=list)           # per message: received - engine time
 
     @property
     def tpot_s(self) -> float | None:
@@ -78,6 +85,10 @@ def summarize(records: list[RequestRecord], duration_s: float, *, slo_ttft_ms: f
         "itl_ms": distribution([x for r in done for x in r.itls_s]),
         "e2el_ms": distribution([r.latency_s for r in done if r.latency_s is not None]),
     }
+    added = [x for r in done for x in r.itls_added_s]
+    if added:
+        summary["itl_added_ms"] = distribution(added)
+        summary["delivery_lag_ms"] = distribution([x for r in done for x in r.lags_s])
     if slo_ttft_ms is not None or slo_tpot_ms is not None:
         good = [r for r in done if _meets(r, slo_ttft_ms, slo_tpot_ms)]
         summary["goodput"] = {"slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms,
@@ -120,6 +131,11 @@ def _rows(summaries: list[dict]) -> list[tuple[str, list[str]]]:
         for stat in STATS:
             rows.append((f"{stat.capitalize() if stat in ('mean', 'median') else stat.upper()} {name} (ms)",
                          [fmt(s[key][stat], ".1f") for s in summaries]))
+    for key, name in (("itl_added_ms", "ITL added"), ("delivery_lag_ms", "delivery lag")):
+        if any(key in s for s in summaries):
+            for stat in ("median", "p90", "p99"):
+                rows.append((f"{stat.capitalize() if stat == 'median' else stat.upper()} {name} (ms)",
+                             [fmt(s.get(key, {}).get(stat), ".2f") for s in summaries]))
     return rows
 
 

@@ -84,10 +84,11 @@ async def send(client, req: BenchRequest, *, t0: float, temperature: float, time
     start = time.perf_counter()
     rec = RequestRecord(ok=False, start_s=start - t0)
     reply: list[int] = []
-    usage, last, finish = None, None, None
+    usage, last, finish, last_engine = None, None, None, None
     try:
         stream = client.generate(**req.inputs(), max_tokens=req.max_tokens, ignore_eos=req.ignore_eos,
-                                 temperature=temperature, cache_salt=cache_salt, timeout=timeout)
+                                 temperature=temperature, cache_salt=cache_salt, timeout=timeout,
+                                 return_timing=True)
         async with aclosing(stream) as chunks:
             async for chunk in chunks:
                 now = time.perf_counter()
@@ -96,6 +97,11 @@ async def send(client, req: BenchRequest, *, t0: float, temperature: float, time
                         rec.ttft_s = now - start
                     else:
                         rec.itls_s.append(now - last)
+                    if chunk.engine_time is not None:
+                        rec.lags_s.append(time.time() - chunk.engine_time)
+                        if last is not None and last_engine is not None:
+                            rec.itls_added_s.append((now - last) - (chunk.engine_time - last_engine))
+                        last_engine = chunk.engine_time
                     last = now
                 reply.extend(chunk.token_ids)
                 usage = chunk.usage or usage

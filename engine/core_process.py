@@ -73,6 +73,7 @@ def run_engine_core(args: EngineArgs, conn, initializer: Callable | None, initia
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("failed", _portable(e)))
         return
+
     def tick(items: list) -> None:
         conn.send(("tick", _portable_items(items), engine.get_stats(), loop.num_adds_taken))
 

@@ -162,6 +162,13 @@ def test_compare_offline_launches_a_server_and_reports_what_the_service_costs(ti
         # One message per streamed delta at least; every one of them was timed.
         assert delivery["messages"] >= level["total_output_tokens"] // 4
         assert 0 <= delivery["p50_ms"] <= delivery["p90_ms"] <= delivery["p99_ms"]
+        # Each gap between streamed tokens, paired with the engine's gap between their steps.
+        added = level["itl_added_ms"]
+        assert added["count"] == level["itl_ms"]["count"] > 0
+        assert 0 < level["delivery_lag_ms"]["count"] <= level["total_output_tokens"]    # one per message
+        assert 0 < level["delivery_lag_ms"]["min"] <= level["delivery_lag_ms"]["max"] < level["e2el_ms"]["max"]
+        assert "itl_added_ms" not in offline
+    assert "Median ITL added (ms)" in printed
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
