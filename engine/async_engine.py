@@ -18,11 +18,13 @@ call, so a step wakes a loop once, not once per request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -30,7 +32,7 @@ import structlog
 
 from engine.args import EngineArgs
 from engine.errors import EngineDeadError, EngineShutdownError, QueueFullError
-from engine.llm_engine import EngineStats, LLMEngine
+from engine.llm_engine import EngineStats, LLMEngine, encode_prompt
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -79,23 +81,25 @@ class AsyncEngine:
         self._tokens = itertools.count(1)
         self._num_submitted = 0                     # adds sent (written by callers' loop only)
         self._draining = False
+        self._exit_error: BaseException | None = None     # set once the core answers no more
         self.is_dead = False
         self.dead_error: BaseException | None = None
         # Called with every delta output delivered (e.g. service.metrics), on the
         # thread that dispatches outputs (the loop thread, or the process reader).
         self.output_observers: list[Callable[[RequestOutput], None]] = []
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedgen-tokenizer")
         if engine_process:
             if engine is not None:
                 raise ValueError("an engine process builds its own LLMEngine; do not pass one")
             from engine.core_process import EngineProcess
 
             self.engine = None
-            self._core = EngineProcess(args, self._dispatch, self._on_death, self._fail_unclaimed,
+            self._core = EngineProcess(args, self._dispatch, self._on_death, self._on_exit,
                                        process_initializer, initializer_args)
             self.tokenizer, self.model_info = self._core.tokenizer, self._core.model_info
         else:
             self.engine = engine or LLMEngine(args)
-            self._core = _EngineThread(self.engine, self._dispatch, self._on_death)
+            self._core = _EngineThread(self.engine, self._dispatch, self._on_death, self._on_exit)
             self.tokenizer, self.model_info = self.engine.tokenizer, ModelInfo.of(self.engine)
         self._core.start()
 
@@ -140,12 +144,19 @@ class AsyncEngine:
         max_queue = self.args.max_queue
         if max_queue is not None and self._core.get_stats().num_waiting + self._num_pending >= max_queue:
             raise QueueFullError(f"request queue is full ({max_queue} waiting); retry later")
+        prompt_text = None
+        if prompt_token_ids is None and (prompt is None) != (messages is None):
+            # Tokenized here, not in the step loop: a long prompt never stalls the other streams.
+            prompt_token_ids = await self.run_tokenizer(encode_prompt, self.tokenizer, prompt, messages)
+            prompt_text, prompt, messages = prompt, None, None
         token = next(self._tokens)
         sink = self._sinks[token] = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         kwargs = dict(prompt=prompt, prompt_token_ids=prompt_token_ids, messages=messages,
-                      sampling_params=sampling_params, cache_salt=cache_salt)
+                      sampling_params=sampling_params, cache_salt=cache_salt, prompt_text=prompt_text)
         self._num_submitted += 1
         self._core.send(("add", token, request_id, kwargs, deadline))
+        if self._exit_error is not None:     # the loop ended while this was on its way: nobody will answer
+            self._dispatch([(token, self._exit_error)])
         finished = False
         try:
             while not finished:
@@ -164,6 +175,12 @@ class AsyncEngine:
             if not finished:
                 self._core.send(("abort", token, request_id))
 
+    async def run_tokenizer(self, fn: Callable, *args):
+        """``fn(*args)`` on the engine's tokenizer thread: off the event loop,
+        and one call at a time (a fast tokenizer is not safe to encode with
+        from several threads at once)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, functools.partial(fn, *args))
+
     def abort(self, request_id: str) -> None:
         self._core.send(("abort", None, request_id))
 
@@ -178,6 +195,7 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         self._core.shutdown()
+        self._tokenizer_thread.shutdown(wait=False)
 
     # -- dispatch (the loop thread, or the engine process's reader thread) ---------
 
@@ -207,20 +225,23 @@ class AsyncEngine:
         self.dead_error, self.is_dead = error, True
         log.error("engine_dead", error=repr(error))
 
-    def _fail_unclaimed(self, error: BaseException) -> None:
-        """End the streams the core can no longer answer (its process is gone)."""
+    def _on_exit(self, error: BaseException) -> None:
+        """The core answers no more: end every stream it did not end. A stream
+        registered after this sweep sees ``_exit_error`` and ends itself."""
+        self._exit_error = error
         self._dispatch([(token, error) for token in list(self._sinks)])
 
 
 class _EngineThread:
     """The step loop on a thread of this process."""
 
-    def __init__(self, engine: LLMEngine, dispatch, on_death):
+    def __init__(self, engine: LLMEngine, dispatch, on_death, on_exit):
         from engine.core import EngineLoop
 
         self.engine = engine
         self.loop = EngineLoop(engine, dispatch)
         self._on_death = on_death
+        self._on_exit = on_exit
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self.stopping = False
@@ -274,3 +295,4 @@ class _EngineThread:
             error = EngineDeadError(f"engine is not serving: {e!r}")
         finally:
             loop.fail_all(error, self._pending())
+            self._on_exit(error)

@@ -96,19 +96,7 @@ class LLMEngine:
         given = [x is not None for x in (prompt, prompt_token_ids, messages)]
         if sum(given) != 1:
             raise InvalidRequestError("give exactly one of prompt, prompt_token_ids or messages")
-        try:
-            if prompt is not None:
-                if not isinstance(prompt, str):
-                    raise InvalidRequestError("prompt must be a string")
-                ids = self.tokenizer.encode(prompt)
-            elif messages is not None:
-                ids = self.tokenizer.apply_chat_template(messages)
-            else:
-                ids = list(prompt_token_ids)
-        except InvalidRequestError:
-            raise
-        except (ValueError, TypeError) as e:
-            raise InvalidRequestError(str(e)) from e
+        ids = list(prompt_token_ids) if prompt_token_ids is not None else encode_prompt(self.tokenizer, prompt, messages)
         if not ids:
             raise InvalidRequestError("prompt must not be empty")
         vocab = self.tokenizer.vocab_size
@@ -128,8 +116,13 @@ class LLMEngine:
 
     def add_request(self, request_id: str, *, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                     messages: list[dict] | None = None, sampling_params: SamplingParams | None = None,
-                    cache_salt: str | None = None, arrival_time: float | None = None) -> RequestState:
-        """Validate and queue one request (``n`` sequences). Raises InvalidRequestError."""
+                    cache_salt: str | None = None, arrival_time: float | None = None,
+                    prompt_text: str | None = None) -> RequestState:
+        """Validate and queue one request (``n`` sequences). Raises InvalidRequestError.
+
+        ``prompt_text``: the text ``prompt_token_ids`` were encoded from, when
+        the caller tokenized it (``AsyncEngine`` does), reported back as the
+        outputs' ``prompt``."""
         if request_id in self.output.states:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use")
         params = sampling_params or SamplingParams()
@@ -148,7 +141,8 @@ class LLMEngine:
                 detok=IncrementalDetokenizer(self.tokenizer.hf, skip_special_tokens=child.skip_special_tokens,
                                              stop=child.stop, include_stop_str_in_output=child.include_stop_str_in_output),
                 logprobs=[] if child.logprobs is not None else None))
-        state = RequestState(request_id, prompt, ids, params, completions, RequestMetrics(arrival))
+        state = RequestState(request_id, prompt if prompt is not None else prompt_text, ids, params, completions,
+                             RequestMetrics(arrival))
         for c in completions:
             self.scheduler.add_request(Request(c.seq_id, ids, c.params, self.args.block_size,
                                                arrival_time=arrival, cache_salt=cache_salt))
@@ -241,6 +235,21 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.backend.shutdown()
+
+
+def encode_prompt(tokenizer, prompt: str | None, messages: list[dict] | None) -> list[int]:
+    """The token ids of a text prompt, or of chat messages through the chat
+    template; what the caller must fix raises InvalidRequestError."""
+    try:
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InvalidRequestError("prompt must be a string")
+            return tokenizer.encode(prompt)
+        return tokenizer.apply_chat_template(messages)
+    except InvalidRequestError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise InvalidRequestError(str(e)) from e
 
 
 def failed_error(request_id: str, err: StepFailedError) -> RequestFailedError:

@@ -11,6 +11,7 @@ hands them over together, ``service.streaming.merge_deltas`` joins them).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from contextlib import aclosing
 
@@ -95,16 +96,17 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         text, messages = convert.tokenize_input_from_pb(request)
         tokenizer = self.engine.tokenizer
         if text is not None:
-            ids = await asyncio.to_thread(tokenizer.encode, text)
+            ids = await self.engine.run_tokenizer(tokenizer.encode, text)
         else:
-            ids = await asyncio.to_thread(tokenizer.apply_chat_template, messages)
+            ids = await self.engine.run_tokenizer(tokenizer.apply_chat_template, messages)
         return pb.TokenizeResponse(token_ids=ids)
 
     @map_errors
     async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
         ids = convert.detokenize_ids_from_pb(request, self.engine.model_info.vocab_size)
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        text = await asyncio.to_thread(self.engine.tokenizer.decode, ids, skip_special_tokens=skip)
+        text = await self.engine.run_tokenizer(functools.partial(self.engine.tokenizer.decode, skip_special_tokens=skip),
+                                               ids)
         return pb.DetokenizeResponse(text=text)
 
     @map_errors

@@ -199,3 +199,23 @@ def test_shutdown_ends_running_streams(model_dir, engine_process):
 def test_a_model_that_cannot_load_fails_the_constructor(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         AsyncEngine(EngineArgs(model=str(tmp_path / "missing"), backend="cpu"), engine_process=True)
+
+
+@pytest.mark.timeout(120)
+def test_text_and_chat_prompts_are_tokenized_before_they_reach_the_step_loop(process_engine):
+    tok = process_engine.tokenizer
+
+    async def run():
+        last = None
+        async for last in process_engine.generate("text", prompt="hello world", sampling_params=greedy(3)):
+            pass
+        sent = process_engine._num_submitted
+        with pytest.raises(InvalidRequestError, match="role"):
+            async for _ in process_engine.generate("bad-chat", messages=[{"content": "no role"}],
+                                                   sampling_params=greedy(3)):
+                pass
+        return last, process_engine._num_submitted - sent
+
+    last, sent = asyncio.run(run())
+    assert last.prompt == "hello world" and last.prompt_token_ids == tok.encode("hello world")
+    assert sent == 0                                    # refused before anything went to the engine

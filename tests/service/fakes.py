@@ -54,6 +54,9 @@ class FakeEngine:
     def get_stats(self) -> EngineStats:
         return EngineStats(len(self.running), 0, 64, 64 - 2 * len(self.running), 0, 0, 0)
 
+    async def run_tokenizer(self, fn, *args):
+        return fn(*args)
+
     async def generate_batches(self, request_id: str, **kwargs):
         async with aclosing(self.generate(request_id, **kwargs)) as outs:
             async for out in outs:
