@@ -34,6 +34,26 @@ class ModelLoadingError(EngineShutdownError):
     """The server is up but its model is not loaded yet (UNAVAILABLE)."""
 
 
+class LoadingEngine:
+    """A front end's ``engine`` attribute, None until the model is loaded:
+    reading it before then raises ModelLoadingError. The value lives in
+    ``_<name>`` (``_engine``), for code that checks without raising."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.attr = f"_{name}"
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        engine = getattr(obj, self.attr, None)
+        if engine is None:
+            raise ModelLoadingError("the model is still loading; retry shortly")
+        return engine
+
+    def __set__(self, obj, engine) -> None:
+        setattr(obj, self.attr, engine)
+
+
 def status_of(exc: BaseException, request_id: str | None = None) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for ``exc``."""
     if isinstance(exc, ValueError):                 # InvalidRequestError is one too

@@ -21,7 +21,7 @@ import structlog
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
 from service import convert
-from service.errors import ModelLoadingError, map_errors
+from service.errors import LoadingEngine, map_errors
 from service.metrics import observe_generate
 from service.limits import RequestLimits
 from service.streaming import merge_deltas
@@ -39,15 +39,7 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         self.limits = limits or RequestLimits()
         self.log_requests = log_requests        # prompt and completion text in the logs (debugging only)
 
-    @property
-    def engine(self):
-        if self._engine is None:
-            raise ModelLoadingError("the model is still loading; retry shortly")
-        return self._engine
-
-    @engine.setter
-    def engine(self, engine) -> None:
-        self._engine = engine
+    engine = LoadingEngine()                    # raises ModelLoadingError (UNAVAILABLE) until attached
 
     @observe_generate
     @map_errors

@@ -21,7 +21,7 @@ from engine.errors import InvalidRequestError
 from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
 from scheduler.output import Logprobs
-from service.errors import ModelLoadingError
+from service.errors import LoadingEngine
 from service.openai import responses as r
 from service.openai.engine_run import EngineRun, UsageCounter
 from service.openai.errors import ModelNotFoundError, error_of
@@ -78,15 +78,7 @@ class OpenAIServing:
         """An engine is attached, alive, and not draining."""
         return self._engine is not None and not self._engine.is_dead and not self.is_draining
 
-    @property
-    def engine(self):
-        if self._engine is None:
-            raise ModelLoadingError("the model is still loading; retry shortly")
-        return self._engine
-
-    @engine.setter
-    def engine(self, engine) -> None:
-        self._engine = engine
+    engine = LoadingEngine()                    # raises ModelLoadingError (UNAVAILABLE) until attached
 
     @property
     def model_name(self) -> str:
