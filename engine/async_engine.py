@@ -280,16 +280,9 @@ class _EngineThread:
         error: BaseException = EngineShutdownError("engine stopped")
         try:
             while not self.stopping:
-                loop.handle(self._pending())
-                loop.expire_deadlines()
-                loop.flush()
-                if not loop.has_work:
-                    self.engine.check_health()          # a dead worker kills the engine while idle too
+                if not loop.run_once(self._pending()):
                     self._wake.wait(0.1)
                     self._wake.clear()
-                    continue
-                loop.step()
-                loop.flush()
         except BaseException as e:  # noqa: BLE001 - the loop must report, never vanish
             self._on_death(e)
             error = EngineDeadError(f"engine is not serving: {e!r}")

@@ -14,11 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-import structlog
-
 from engine.llm_engine import LLMEngine, StepFailedError, failed_error
-
-log = structlog.get_logger(__name__)
 
 # Consecutive failed steps after which the engine declares itself dead.
 MAX_CONSECUTIVE_STEP_FAILURES = 3
@@ -76,6 +72,20 @@ class EngineLoop:
 
     # -- the loop body ----------------------------------------------------------------
 
+    def run_once(self, commands: list[tuple]) -> bool:
+        """One iteration: take ``commands``, expire deadlines, then step if a
+        request is unfinished (else check the backend's health). Emits after
+        each part that changed something; returns whether a step ran."""
+        self.handle(commands)
+        self.expire_deadlines()
+        self.flush(report=bool(commands))
+        if not self.has_work:
+            self.engine.check_health()         # a dead tensor-parallel worker kills the engine while idle too
+            return False
+        self.step()
+        self.flush(report=True)
+        return True
+
     def step(self) -> None:
         """One model step; raises once steps have failed too often in a row."""
         try:
@@ -93,13 +103,13 @@ class EngineLoop:
             out.emitted_time = emitted
             self._deliver(out)
 
-    def flush(self) -> bool:
-        """Emit everything produced since the last flush in one call; False if there was nothing."""
-        if not self._out:
-            return False
-        out, self._out = self._out, []
-        self.emit(out)
-        return True
+    def flush(self, report: bool = False) -> None:
+        """Emit everything produced since the last flush in one call; with
+        nothing produced, emit an empty list only if ``report`` (the engine's
+        state changed: an engine process sends fresh stats with it)."""
+        if self._out or report:
+            out, self._out = self._out, []
+            self.emit(out)
 
     def _deliver(self, out) -> None:
         token = self._tokens.get(out.request_id)

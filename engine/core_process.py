@@ -80,7 +80,7 @@ def run_engine_core(args: EngineArgs, conn, initializer: Callable | None, initia
     loop = EngineLoop(engine, tick)
     try:
         conn.send(("ready", ModelInfo.of(engine), engine.tokenizer, engine.get_stats()))
-        _serve(engine, loop, tick, conn)
+        _serve(loop, conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass                                   # the parent is gone: nobody to serve
     except BaseException as e:  # noqa: BLE001 - the loop must report, never vanish
@@ -95,7 +95,7 @@ def run_engine_core(args: EngineArgs, conn, initializer: Callable | None, initia
         conn.close()
 
 
-def _serve(engine, loop, tick, conn) -> None:
+def _serve(loop, conn) -> None:
     while True:
         commands = []
         timeout = 0.0 if loop.has_work else IDLE_POLL_S
@@ -107,16 +107,7 @@ def _serve(engine, loop, tick, conn) -> None:
                 return
             commands.append(cmd)
             timeout = 0.0
-        loop.handle(commands)
-        loop.expire_deadlines()
-        if not loop.flush() and commands:
-            tick([])                           # adds queued: new stats and counts
-        if not loop.has_work:
-            engine.check_health()              # a dead tensor-parallel worker kills the engine while idle
-            continue
-        loop.step()
-        if not loop.flush():
-            tick([])                           # a prefill chunk: nothing to stream, but new stats
+        loop.run_once(commands)
 
 
 class EngineProcess:

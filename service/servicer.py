@@ -58,7 +58,8 @@ class GenerateServicer(pb_grpc.GenerateServicer):
             batches = self.engine.generate_batches(inp.request_id, deadline=deadline, **inp.engine_kwargs())
             async with aclosing(batches):
                 async for batch in batches:
-                    msgs = stream.to_pb(merge_deltas(batch))
+                    delta = merge_deltas(batch)
+                    msgs = stream.to_pb(delta)
                     if first_token_s is None and stream.num_completion_tokens:
                         first_token_s = time.perf_counter() - start
                     for msg in msgs:
@@ -67,9 +68,9 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                         if texts is not None:
                             texts[msg.index] = texts.get(msg.index, "") + msg.text
                         yield msg
-                    if self.metrics is not None and msgs and batch[0].emitted_time is not None:
+                    if self.metrics is not None and msgs and delta.emitted_time is not None:
                         # gRPC resumes this generator once the message is sent
-                        self.metrics.observe_delivery(time.time() - batch[0].emitted_time)
+                        self.metrics.observe_delivery(time.time() - delta.emitted_time)
             status = "ok"
         except (asyncio.CancelledError, GeneratorExit):  # the client went away or gRPC's deadline passed
             status = "cancelled"
