@@ -1,47 +1,108 @@
-"""The ``Backend`` protocol every device backend implements, and the registry.
+"""The ``Backend`` interface every device backend implements, its options, and the shared step helpers.
 
 The engine owns one backend. Its life:
 
-1. constructed by ``create_backend(name, model_config, weights, ...)``;
-2. asked ``kv_block_bytes(block_size)`` / ``num_blocks_for_memory(...)`` so the
+1. constructed by ``backends.registry.create_backend(name, model_config,
+   weights, options)``, which imports the backend's module and calls its
+   factory, ``create(model_config, weights, options)``;
+2. asked ``profile_kv_cache_memory(block_size)`` when no KV cache size is
+   given (``None``, the default: the engine's own default size), then
+   ``kv_block_bytes(block_size)`` / ``num_blocks_for_memory(...)`` so the
    engine can size the scheduler's ``BlockPool``;
 3. ``allocate_kv_cache(num_blocks, block_size)`` once;
 4. ``execute(scheduler_output)`` once per step, on the engine's step thread;
-   while idle, the engine calls ``check_health()`` where a backend has it
-   (optional: a backend with worker processes raises there when one died);
+   while idle, the engine calls ``check_health()`` (a backend with worker
+   processes raises there when one died; the default is always healthy);
 5. ``shutdown()``.
 
-Backends are picked through lazy-import factories, so a device framework
-(triton, mlx) is imported only when its backend is selected.
+The step helpers below (``step_requests``, ``kv_block_bytes``,
+``blocks_for_memory``, ``run_step``) are what the backends share of steps 2-4.
 """
 
 from __future__ import annotations
 
-import importlib
-import platform
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from engine.model_config import ModelConfig
-from scheduler.output import SchedulerOutput, StepResult
+from scheduler.output import Logprobs, SchedulerOutput, StepResult
+
+AUTO_DTYPE = "auto"                           # let the backend pick its dtype
+DTYPES = ("float32", "bfloat16", "float16")   # the compute and KV cache dtypes a backend may run in
 
 
-@runtime_checkable
-class Backend(Protocol):
+@dataclass(frozen=True)
+class BackendOptions:
+    """What the engine tells whichever backend it creates: one neutral object.
+
+    One object for every backend, rather than a type per backend, because the
+    engine builds it from ``EngineArgs`` before it knows which backend reads
+    it: it never names a backend. Each backend's factory,
+    ``create(model_config, weights, options)`` in its module, picks the
+    fields it uses and ignores the others (the cpu backend reads no
+    ``cuda_graph_mode``), and resolves ``dtype="auto"`` to its own choice. A
+    new backend option is a field here plus the factory that reads it.
+    """
+
+    dtype: str = AUTO_DTYPE                  # compute and KV cache dtype, or "auto": the backend's choice
+    seed: int = 0                            # seed of unseeded sampling
+    num_threads: int | None = None           # cpu: torch threads (None: all cores); tensor parallel: split over ranks
+    eos_token_ids: tuple[int, ...] = ()      # the tokenizer's end-of-sequence ids; (): the model config's
+    max_num_seqs: int = 256                  # cuda: the largest decode batch (graph sizes, step buffers)
+    max_num_batched_tokens: int = 2048       # cuda: the most tokens in one step (step buffers, piecewise graphs)
+    max_model_len: int | None = None         # cuda: the context limit the engine enforces; None: the model's
+    gpu_memory_utilization: float = 0.9      # cuda: share of GPU memory the engine may use (KV cache sized from it)
+    cuda_graph_mode: str = "full"            # cuda: none | piecewise | full
+    tensor_parallel_size: int = 1            # ranks the model is split over; > 1 picks the device's TP backend
+
+    def __post_init__(self) -> None:
+        if self.dtype not in (AUTO_DTYPE, *DTYPES):
+            raise ValueError(f"dtype must be one of {', '.join((AUTO_DTYPE, *DTYPES))}, got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_threads", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.eos_token_ids, tuple) or not all(isinstance(t, int) for t in self.eos_token_ids):
+            raise ValueError(f"eos_token_ids must be a tuple of token ids, got {self.eos_token_ids!r}")
+
+    def resolve_dtype(self, auto: str) -> str:
+        """``dtype``, or ``auto`` (the calling backend's choice) where it is "auto"."""
+        return auto if self.dtype == AUTO_DTYPE else self.dtype
+
+
+class Backend(ABC):
+    """One device's model runner behind the engine (see the module docstring for its life).
+
+    Backends inherit from it: the abstract methods are what every backend
+    implements; the others are optional, with the defaults a backend without
+    them needs, so the engine calls every member without probing for it.
+    """
+
     name: str        # "cpu", "cuda", "metal"
-    dtype: str       # "float32", "bfloat16", "float16"
+    dtype: str       # the resolved compute and KV cache dtype: "float32", "bfloat16", "float16" (never "auto")
 
+    @abstractmethod
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes one KV block costs across all layers (K and V)."""
 
+    @abstractmethod
     def num_blocks_for_memory(self, memory_bytes: int, block_size: int) -> int:
         """How many KV blocks fit ``memory_bytes``."""
 
+    @abstractmethod
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         """Allocate the paged KV cache; called once before the first step."""
 
+    @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Run one step: write new K/V, attend, sample where ``needs_sample``.
 
@@ -50,8 +111,25 @@ class Backend(Protocol):
         engine then fails the requests of this step.
         """
 
+    @abstractmethod
     def shutdown(self) -> None:
         """Release device memory and worker threads."""
+
+    def profile_kv_cache_memory(self, block_size: int) -> int | None:
+        """Bytes this backend gives the KV cache when the user named no size; None: the engine's default.
+
+        Called once, after construction and before ``allocate_kv_cache``,
+        only when neither a KV cache size nor a block count was given. The
+        default is None; the cuda backend profiles a worst-case step here.
+        """
+        return None
+
+    def check_health(self) -> None:
+        """Raise (an ``EngineDeadError``) when this backend can no longer serve.
+
+        Called by the engine between steps while idle. The default is always
+        healthy; a backend with worker processes raises when one died.
+        """
 
 
 class StepRequest(NamedTuple):
@@ -106,22 +184,60 @@ def blocks_for_memory(memory_bytes: int, block_bytes: int) -> int:
     return int(memory_bytes) // block_bytes
 
 
+class LogitRows(NamedTuple):
+    """How ``run_step`` reads rows of a backend's all-token logits (for prompt logprobs)."""
+
+    take: Callable[[Any, list[int]], Any]              # (logits [T, V], rows) -> logits [R, V] in the backend's array type
+    to_numpy: Callable[[Any, list[int]], np.ndarray]   # (logits [T, V], rows) -> float32 numpy [R, V]
+
+
+def prompt_logprobs(logits: np.ndarray, target_ids: Sequence[int], k: int) -> list[Logprobs]:
+    """Logprob and rank of ``target_ids[i]`` under row ``i`` of ``logits`` ``[R, V]``, and the top ``k``."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)                          # [R, V]
+    lps = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))            # [R, V]
+    rows = np.arange(len(target_ids))
+    chosen = lps[rows, np.asarray(target_ids, dtype=np.int64)]                     # [R]
+    ranks = (lps > chosen[:, None]).sum(axis=-1) + 1                               # [R]
+    top = np.zeros((len(rows), 0), dtype=np.int64)
+    if k:
+        top = np.argpartition(-lps, k - 1, axis=-1)[:, :k]                         # [R, k], unordered
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(lps, top, -1), axis=-1, kind="stable"), -1)
+    return [Logprobs(token_id=int(t), logprob=float(chosen[i]), rank=int(ranks[i]),
+                     top=[(int(j), float(lps[i, j])) for j in top[i]])
+            for i, t in enumerate(target_ids)]
+
+
 def run_step(scheduler_output: SchedulerOutput, drop: Callable[[Iterable[str]], None],
-             compute_logits: Callable[[SchedulerOutput], Any],
-             sample: Callable[[Any, list], tuple[Sequence[int], Sequence[Any]]]) -> StepResult:
+             compute_logits: Callable[..., Any],
+             sample: Callable[[Any, list], tuple[Sequence[int], Sequence[Any]]],
+             logit_rows: LogitRows | None = None) -> StepResult:
     """The ``execute`` every device backend shares.
 
     ``drop`` forgets the sampler state of finished and preempted requests;
     ``compute_logits`` runs the model (logits of the requests with
-    ``needs_sample``, in ``scheduled`` order); ``sample(logits, rows)``
-    returns their token ids and logprobs (None where not asked).
+    ``needs_sample``, in ``scheduled`` order; with ``all_tokens=True`` one
+    row per scheduled token); ``sample(logits, rows)`` returns their token
+    ids and logprobs (None where not asked). When a request needs prompt
+    logprobs (``ScheduledRequest.needs_prompt_logprobs``) the step computes
+    every token's logits, scores the prompt tokens its chunk predicts through
+    ``logit_rows`` and samples from the sampling rows among them; a backend
+    without ``logit_rows`` cannot serve such a request and fails the step.
     """
     drop(chain(scheduler_output.finished_request_ids, scheduler_output.preempted_request_ids))
     result = StepResult()
     if scheduler_output.is_empty:
         return result
-    logits = compute_logits(scheduler_output)                                        # [N, V]
-    rows = [r for r in scheduler_output.scheduled if r.needs_sample]
+    scheduled = scheduler_output.scheduled
+    if any(r.needs_prompt_logprobs for r in scheduled):
+        if logit_rows is None:
+            raise NotImplementedError("this backend does not compute prompt logprobs")
+        all_logits = compute_logits(scheduler_output, all_tokens=True)                 # [T, V]
+        _score_prompts(scheduled, all_logits, logit_rows, result)
+        ends = np.cumsum([len(r.token_ids) for r in scheduled])
+        logits = logit_rows.take(all_logits, [int(ends[i]) - 1 for i, r in enumerate(scheduled) if r.needs_sample])
+    else:
+        logits = compute_logits(scheduler_output)                                    # [N, V]
+    rows = [r for r in scheduled if r.needs_sample]
     if not rows:
         return result
     token_ids, logprobs = sample(logits, rows)
@@ -132,53 +248,16 @@ def run_step(scheduler_output: SchedulerOutput, drop: Callable[[Iterable[str]], 
     return result
 
 
-# name -> "module:factory"; the factory takes (model_config, weights, **options).
-_REGISTRY = {
-    "cpu": "backends.cpu.backend:CPUBackend",
-    "cuda": "backends.cuda.backend:CUDABackend",
-    "metal": "backends.metal.backend:MetalBackend",
-}
-
-BACKEND_NAMES = ("auto", *_REGISTRY)
-
-
-def resolve_backend_name(name: str) -> str:
-    """Map ``auto`` to the best backend available on this machine."""
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
-    if name != "auto":
-        return name
-    try:
-        import torch
-
-        if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-            if importlib.util.find_spec("backends.cuda.backend") is not None:
-                return "cuda"
-    except ImportError:
-        pass
-    if platform.system() == "Darwin" and platform.machine() == "arm64":
-        if importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("backends.metal.backend"):
-            return "metal"
-    return "cpu"
-
-
-def create_backend(name: str, model_config: ModelConfig, weights: dict[str, np.ndarray],
-                   tensor_parallel_size: int = 1, **options) -> Backend:
-    """Import and construct the backend ``name`` (after ``resolve_backend_name``).
-
-    With ``tensor_parallel_size`` > 1 the model is split over that many ranks
-    of device ``name`` (``backends.tp.executor.TPBackend``).
-    """
-    if tensor_parallel_size != 1:
-        from backends.tp.executor import TPBackend
-
-        return TPBackend(model_config, weights, tensor_parallel_size=tensor_parallel_size, device=name, **options)
-    target = _REGISTRY.get(name)
-    if target is None:
-        raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
-    module_name, factory = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"backend {name!r} is not available here: {e}") from e
-    return getattr(module, factory)(model_config, weights, **options)
+def _score_prompts(scheduled, all_logits: Any, logit_rows: LogitRows, result: StepResult) -> None:
+    """``result.prompt_logprobs`` of the requests that need them: the row of
+    position ``p`` scores prompt token ``p + 1``."""
+    start = 0
+    for r in scheduled:
+        if r.needs_prompt_logprobs:
+            num_prompt = len(r.prompt_token_ids)
+            n = max(0, min(len(r.token_ids), num_prompt - 1 - r.num_computed_tokens))   # positions with a next prompt token
+            targets = r.prompt_token_ids[r.num_computed_tokens + 1: r.num_computed_tokens + 1 + n]
+            rows = list(range(start, start + n))
+            result.prompt_logprobs[r.request_id] = (
+                prompt_logprobs(logit_rows.to_numpy(all_logits, rows), targets, r.num_prompt_logprobs) if n else [])
+        start += len(r.token_ids)

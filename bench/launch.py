@@ -18,36 +18,21 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-# Engine flags shared by ``bench offline`` and a launched server: (flag, dest, type, default, help).
-ENGINE_FLAGS = (
-    ("--model", "model", str, None, "model path (default: the embedded SmolLM2-135M-Instruct)"),
-    ("--backend", "backend", str, "auto", "auto|cpu|cuda|metal"),
-    ("--dtype", "dtype", str, "float32", "compute and KV cache dtype"),
-    ("--max-num-seqs", "max_num_seqs", int, 256, "running requests per step at most"),
-    ("--max-num-batched-tokens", "max_num_batched_tokens", int, 2048, "tokens per step at most"),
-    ("--kv-cache-memory", "kv_cache_memory", int, None, "KV cache bytes"),
-    ("--num-kv-blocks", "num_kv_blocks", int, None, "explicit KV block count"),
-    ("--num-threads", "num_threads", int, None, "CPU threads of the cpu backend (default: all cores)"),
-    ("--tensor-parallel-size", "tensor_parallel_size", int, 1, "ranks the model is split over"),
-)
+from engine.args import EngineArgs
+
+# Engine options a bench command does not take as engine flags: its ``--seed`` is the
+# dataset's (``bench.datasets``), which seeds the offline engine too but not a launched server.
+NOT_ENGINE_FLAGS = ("seed",)
 
 
 def add_engine_args(group) -> None:
-    for flag, dest, kind, default, text in ENGINE_FLAGS:
-        group.add_argument(flag, dest=dest, type=kind, default=default, help=text)
-    group.add_argument("--no-enable-prefix-caching", action="store_true", help="turn the prefix cache off")
+    """The engine's flags (``EngineArgs.add_cli_args``, as ``pagedgen serve`` has them) in ``group``."""
+    EngineArgs.add_cli_args(group, exclude=NOT_ENGINE_FLAGS)
 
 
 def serve_flags(args) -> list[str]:
-    """``pagedgen serve`` flags for the engine options in ``args``."""
-    flags = []
-    for flag, dest, _, default, _ in ENGINE_FLAGS:
-        value = getattr(args, dest)
-        if value is not None and value != default:
-            flags += [flag, str(value)]
-    if args.no_enable_prefix_caching:
-        flags.append("--no-enable-prefix-caching")
-    return flags
+    """``pagedgen serve`` flags for the engine options in ``args`` (those not at their defaults)."""
+    return EngineArgs.from_cli_args(args).to_cli_flags(exclude=NOT_ENGINE_FLAGS)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -92,7 +77,7 @@ def launch(flags: list[str], *, timeout: float = 300.0) -> LaunchedServer:
 
     port = free_port()
     fd, log_path = tempfile.mkstemp(prefix="pagedgen-bench-serve-", suffix=".log")
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *flags]
+    cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), *flags]
     t0 = time.perf_counter()
     with os.fdopen(fd, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

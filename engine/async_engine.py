@@ -1,18 +1,19 @@
 """The engine for servers: the step loop off the event loop, asyncio streams out.
 
 Callers on an event loop submit requests and read delta outputs through an
-async generator. The step loop (``engine.core.EngineLoop``) runs either
+async generator. The step loop (``engine.core.EngineLoop``) runs in an engine
+core, which this class drives only through ``engine.core_client.EngineCoreClient``:
 
-- on a thread of this process (the default here, and what tests that reach
-  into the ``LLMEngine`` use), or
+- on a thread of this process (``engine.core_thread``; the default here, and
+  what tests that reach into the ``LLMEngine`` use), or
 - in an engine process of its own (``engine_process=True``, what
   ``pagedgen serve`` runs): its main thread steps the model, so neither the
   GIL nor a busy event loop ever holds a step back, and this process keeps
   only the tokenizer (``engine.core_process``).
 
-Commands (add, abort) travel to the loop in order; each loop iteration's
-outputs come back as one batch, handed to each caller's event loop in one
-call, so a step wakes a loop once, not once per request.
+Commands (``engine.commands``: add, abort) travel to the loop in order; each
+loop iteration's outputs come back as one batch, handed to each caller's
+event loop in one call, so a step wakes a loop once, not once per request.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import queue
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,32 +29,18 @@ from dataclasses import dataclass
 
 import structlog
 
+from common.errors import EngineDeadError, EngineShutdownError, QueueFullError
 from engine.args import EngineArgs
-from engine.errors import EngineDeadError, EngineShutdownError, QueueFullError
+from engine.commands import AbortRequest, AddRequest
+from engine.core_client import EngineCoreClient
+from engine.core_process import EngineProcess
+from engine.core_thread import EngineThread
 from engine.llm_engine import EngineStats, LLMEngine, encode_prompt
+from engine.model_info import ModelInfo
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model: str
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: tuple[int, ...]
-    block_size: int
-    num_kv_blocks: int
-    backend: str
-    dtype: str
-
-    @classmethod
-    def of(cls, engine: LLMEngine) -> "ModelInfo":
-        return cls(model=engine.model.name, max_model_len=engine.max_model_len,
-                   vocab_size=engine.tokenizer.vocab_size, eos_token_ids=tuple(engine.tokenizer.eos_token_ids),
-                   block_size=engine.scheduler.config.block_size, num_kv_blocks=engine.scheduler.config.num_kv_blocks,
-                   backend=engine.backend_name, dtype=engine.args.dtype)
 
 
 @dataclass
@@ -64,6 +49,7 @@ class _Sink:
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    request_id: str = ""                        # the caller's id of the stream's request
 
 
 def _put_all(pairs: list[tuple[asyncio.Queue, object]]) -> None:
@@ -88,19 +74,18 @@ class AsyncEngine:
         # thread that dispatches outputs (the loop thread, or the process reader).
         self.output_observers: list[Callable[[RequestOutput], None]] = []
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedgen-tokenizer")
+        self._core: EngineCoreClient
         if engine_process:
             if engine is not None:
                 raise ValueError("an engine process builds its own LLMEngine; do not pass one")
-            from engine.core_process import EngineProcess
-
-            self.engine = None
+            self.engine: LLMEngine | None = None
             self._core = EngineProcess(args, self._dispatch, self._on_death, self._on_exit,
                                        process_initializer, initializer_args)
-            self.tokenizer, self.model_info = self._core.tokenizer, self._core.model_info
         else:
             self.engine = engine or LLMEngine(args)
-            self._core = _EngineThread(self.engine, self._dispatch, self._on_death, self._on_exit)
-            self.tokenizer, self.model_info = self.engine.tokenizer, ModelInfo.of(self.engine)
+            self._core = EngineThread(self.engine, self._dispatch, self._on_death, self._on_exit)
+        self.tokenizer = self._core.tokenizer
+        self.model_info: ModelInfo = self._core.model_info
         self._core.start()
 
     # -- caller side (any event loop) ------------------------------------------
@@ -110,7 +95,7 @@ class AsyncEngine:
 
     @property
     def engine_process_pid(self) -> int | None:
-        return getattr(self._core, "pid", None)
+        return self._core.pid
 
     @property
     def _num_pending(self) -> int:
@@ -150,11 +135,12 @@ class AsyncEngine:
             prompt_token_ids = await self.run_tokenizer(encode_prompt, self.tokenizer, prompt, messages)
             prompt_text, prompt, messages = prompt, None, None
         token = next(self._tokens)
-        sink = self._sinks[token] = _Sink(asyncio.get_running_loop(), asyncio.Queue())
-        kwargs = dict(prompt=prompt, prompt_token_ids=prompt_token_ids, messages=messages,
-                      sampling_params=sampling_params, cache_salt=cache_salt, prompt_text=prompt_text)
+        add = AddRequest(token, request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, messages=messages,
+                         sampling_params=sampling_params, cache_salt=cache_salt, prompt_text=prompt_text,
+                         deadline=deadline)
+        sink = self._sinks[token] = _Sink(asyncio.get_running_loop(), asyncio.Queue(), request_id)
         self._num_submitted += 1
-        self._core.send(("add", token, request_id, kwargs, deadline))
+        self._core.send(add)
         if self._exit_error is not None:     # the loop ended while this was on its way: nobody will answer
             self._dispatch([(token, self._exit_error)])
         finished = False
@@ -173,7 +159,7 @@ class AsyncEngine:
                     raise error
         finally:
             if not finished:
-                self._core.send(("abort", token, request_id))
+                self._core.send(AbortRequest(token, request_id))
 
     async def run_tokenizer(self, fn: Callable, *args):
         """``fn(*args)`` on the engine's tokenizer thread: off the event loop,
@@ -182,7 +168,16 @@ class AsyncEngine:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, functools.partial(fn, *args))
 
     def abort(self, request_id: str) -> None:
-        self._core.send(("abort", None, request_id))
+        self._core.send(AbortRequest(None, request_id))
+
+    def abort_in_flight(self, request_ids) -> list[str]:
+        """Abort each of ``request_ids`` that has an open stream (once each);
+        returns those, in order. Their streams end with finish reason "abort"."""
+        open_ids = {s.request_id for s in list(self._sinks.values())}
+        aborted = [rid for rid in dict.fromkeys(request_ids) if rid in open_ids]
+        for rid in aborted:
+            self.abort(rid)
+        return aborted
 
     def begin_drain(self) -> None:
         self._draining = True
@@ -231,61 +226,3 @@ class AsyncEngine:
         self._exit_error = error
         self._dispatch([(token, error) for token in list(self._sinks)])
 
-
-class _EngineThread:
-    """The step loop on a thread of this process."""
-
-    def __init__(self, engine: LLMEngine, dispatch, on_death, on_exit):
-        from engine.core import EngineLoop
-
-        self.engine = engine
-        self.loop = EngineLoop(engine, dispatch)
-        self._on_death = on_death
-        self._on_exit = on_exit
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self.stopping = False
-        self._thread = threading.Thread(target=self._run, name="pagedgen-engine", daemon=True)
-
-    @property
-    def num_adds_taken(self) -> int:
-        return self.loop.num_adds_taken
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def send(self, cmd: tuple) -> None:
-        self._commands.put(cmd)
-        self._wake.set()
-
-    def get_stats(self) -> EngineStats:
-        return self.engine.get_stats()
-
-    def shutdown(self) -> None:
-        self.stopping = True
-        self._wake.set()
-        self._thread.join(timeout=30)
-        self.engine.shutdown()
-
-    def _pending(self) -> list[tuple]:
-        out = []
-        while True:
-            try:
-                out.append(self._commands.get_nowait())
-            except queue.Empty:
-                return out
-
-    def _run(self) -> None:
-        loop = self.loop
-        error: BaseException = EngineShutdownError("engine stopped")
-        try:
-            while not self.stopping:
-                if not loop.run_once(self._pending()):
-                    self._wake.wait(0.1)
-                    self._wake.clear()
-        except BaseException as e:  # noqa: BLE001 - the loop must report, never vanish
-            self._on_death(e)
-            error = EngineDeadError(f"engine is not serving: {e!r}")
-        finally:
-            loop.fail_all(error, self._pending())
-            self._on_exit(error)

@@ -7,15 +7,14 @@ never stall a step, and a step never delays a message. The parent keeps the
 tokenizer the child sends once it is ready (for Tokenize, Detokenize and the
 HTTP API).
 
-Wire, over one ``multiprocessing`` pipe (pickled tuples):
+Wire, over one ``multiprocessing`` pipe (pickled frozen dataclasses):
 
-- parent -> child: ``("add", token, request_id, kwargs, deadline)``,
-  ``("abort", token | None, request_id)``, ``("stop",)``; a sender thread
-  writes them, so a large prompt never blocks the event loop on a full pipe;
-- child -> parent: ``("ready", ModelInfo, Tokenizer, EngineStats)`` or
-  ``("failed", error)`` once; then ``("tick", items, EngineStats, adds_taken)``
-  after every loop iteration that did something (items: ``(token, output or
-  error)``); ``("dead", error)`` if the loop dies.
+- parent -> child: the commands of ``engine.commands`` (``AddRequest``,
+  ``AbortRequest``, then ``Stop`` once); a sender thread writes them, so a
+  large prompt never blocks the event loop on a full pipe;
+- child -> parent: ``Ready`` or ``LoadFailed`` once; then a ``Tick`` after
+  every loop iteration that did something (its items: ``(token, output or
+  error)``); ``Dead`` if the loop dies.
 
 A reader thread in the parent dispatches the items to the streams. If the
 child exits without saying why (killed, out of memory), the pipe closes and
@@ -33,17 +32,59 @@ import queue
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
+from common.errors import EngineDeadError, EngineShutdownError
 from engine.args import EngineArgs
-from engine.errors import EngineDeadError, EngineShutdownError
-from engine.llm_engine import EngineStats
+from engine.commands import Command, Stop
+from engine.core import EngineLoop
+from engine.core_client import Dispatch, Items, OnDeath, OnExit
+from engine.llm_engine import EngineStats, LLMEngine
+from engine.model_info import ModelInfo
+from engine.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
 
 # How long an idle child waits for a command before checking backend health.
 IDLE_POLL_S = 0.1
+
+
+# -- child -> parent messages ---------------------------------------------------------
+# Typed like the commands, though only this module speaks them: a message is
+# read by field name, so a field added on one side cannot shift the others.
+
+@dataclass(frozen=True)
+class Ready:
+    """The engine is built; sent once, before any ``Tick``."""
+
+    model_info: ModelInfo
+    tokenizer: Tokenizer          # the parent's copy, for Tokenize, Detokenize and the HTTP API
+    stats: EngineStats
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """Building the engine raised ``error``; the child exits after sending it."""
+
+    error: BaseException          # raised again by the parent's constructor
+
+
+@dataclass(frozen=True)
+class Tick:
+    """What one loop iteration produced, and the engine's state after it."""
+
+    items: Items                  # (stream token, delta output or the error that ends it)
+    stats: EngineStats
+    num_adds_taken: int           # AddRequest commands the loop has taken so far
+
+
+@dataclass(frozen=True)
+class Dead:
+    """The loop died of ``error``; its streams were failed in a ``Tick`` before."""
+
+    error: BaseException
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -55,7 +96,7 @@ def _portable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
-def _portable_items(items: list[tuple[int, object]]) -> list[tuple[int, object]]:
+def _portable_items(items: Items) -> Items:
     return [(t, _portable(x) if isinstance(x, BaseException) else x) for t, x in items]
 
 
@@ -64,22 +105,18 @@ def run_engine_core(args: EngineArgs, conn, initializer: Callable | None, initia
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if initializer is not None:
         initializer(*initializer_args)
-    from engine.async_engine import ModelInfo
-    from engine.core import EngineLoop
-    from engine.llm_engine import LLMEngine
-
     try:
         engine = LLMEngine(args)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("failed", _portable(e)))
+        conn.send(LoadFailed(_portable(e)))
         return
 
-    def tick(items: list) -> None:
-        conn.send(("tick", _portable_items(items), engine.get_stats(), loop.num_adds_taken))
+    def tick(items: Items) -> None:
+        conn.send(Tick(_portable_items(items), engine.get_stats(), loop.num_adds_taken))
 
     loop = EngineLoop(engine, tick)
     try:
-        conn.send(("ready", ModelInfo.of(engine), engine.tokenizer, engine.get_stats()))
+        conn.send(Ready(ModelInfo.of(engine), engine.tokenizer, engine.get_stats()))
         _serve(loop, conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass                                   # the parent is gone: nobody to serve
@@ -87,7 +124,7 @@ def run_engine_core(args: EngineArgs, conn, initializer: Callable | None, initia
         log.error("engine_dead", error=repr(e))
         try:
             loop.fail_all(EngineDeadError(f"engine is not serving: {e!r}"))
-            conn.send(("dead", _portable(e)))
+            conn.send(Dead(_portable(e)))
         except Exception:  # noqa: BLE001 - the parent notices the closed pipe instead
             pass
     finally:
@@ -95,27 +132,26 @@ def run_engine_core(args: EngineArgs, conn, initializer: Callable | None, initia
         conn.close()
 
 
-def _serve(loop, conn) -> None:
-    while True:
-        commands = []
+def _serve(loop: EngineLoop, conn) -> None:
+    """Take what the pipe holds, run one iteration, repeat until a ``Stop``."""
+    while not loop.stopped:
+        commands: list[Command | Stop] = []
         timeout = 0.0 if loop.has_work else IDLE_POLL_S
         while conn.poll(timeout):
-            cmd = conn.recv()
-            if cmd[0] == "stop":
-                loop.handle(commands)
-                loop.fail_all(EngineShutdownError("engine stopped"))
-                return
-            commands.append(cmd)
+            commands.append(conn.recv())
+            if isinstance(commands[-1], Stop):
+                break                          # nothing follows a Stop
             timeout = 0.0
         loop.run_once(commands)
 
 
 class EngineProcess:
-    """The parent's side: start the child, send commands, dispatch what comes back."""
+    """An ``EngineCoreClient`` whose loop runs in a child process: this is the
+    parent's side, which starts the child, sends commands and dispatches
+    what comes back."""
 
-    def __init__(self, args: EngineArgs, dispatch: Callable[[list], None], on_death: Callable[[BaseException], None],
-                 on_exit: Callable[[BaseException], None], initializer: Callable | None = None,
-                 initializer_args: tuple = ()):
+    def __init__(self, args: EngineArgs, dispatch: Dispatch, on_death: OnDeath, on_exit: OnExit,
+                 initializer: Callable | None = None, initializer_args: tuple = ()):
         """``on_death(error)``: the loop died; ``on_exit(error)``: the child is
         gone, fail every stream it did not end."""
         self._dispatch = dispatch
@@ -134,10 +170,10 @@ class EngineProcess:
             self.process.join(5)
             raise RuntimeError(f"the engine process exited with code {self.process.exitcode} while loading "
                                f"the model (see its log above)") from None
-        if msg[0] == "failed":
+        if isinstance(msg, LoadFailed):
             self.process.join(30)
-            raise msg[1]
-        _, self.model_info, self.tokenizer, self._stats = msg
+            raise msg.error
+        self.model_info, self.tokenizer, self._stats = msg.model_info, msg.tokenizer, msg.stats
         self.num_adds_taken = 0
         self.stopping = False
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -146,23 +182,27 @@ class EngineProcess:
 
     @property
     def pid(self) -> int:
+        """The engine process's id."""
         return self.process.pid
 
     def start(self) -> None:
+        """Start the sender and reader threads."""
         self._sender.start()
         self._reader.start()
 
-    def send(self, cmd: tuple) -> None:
-        self._outbox.put(cmd)
+    def send(self, command: Command | Stop) -> None:
+        """Queue ``command`` for the sender thread."""
+        self._outbox.put(command)
 
     def get_stats(self) -> EngineStats:
+        """The stats of the child's last ``Tick``."""
         return self._stats
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the child (its streams end with EngineShutdownError) and wait for it."""
         if not self.stopping:
             self.stopping = True
-            self._outbox.put(("stop",))
+            self._outbox.put(Stop())
         self._sender.join(timeout)
         self._reader.join(timeout)
         self.process.join(timeout)
@@ -178,7 +218,7 @@ class EngineProcess:
                 self._conn.send(cmd)
             except (OSError, ValueError):     # the child is gone; the reader reports it
                 return
-            if cmd[0] == "stop":
+            if isinstance(cmd, Stop):
                 return
 
     def _read_loop(self) -> None:
@@ -186,12 +226,12 @@ class EngineProcess:
         try:
             while True:
                 msg = self._conn.recv()
-                if msg[0] == "tick":
-                    _, items, self._stats, self.num_adds_taken = msg
-                    if items:
-                        self._dispatch(items)
-                elif msg[0] == "dead":
-                    error = msg[1]
+                if isinstance(msg, Tick):
+                    self._stats, self.num_adds_taken = msg.stats, msg.num_adds_taken
+                    if msg.items:
+                        self._dispatch(msg.items)
+                elif isinstance(msg, Dead):
+                    error = msg.error
         except (EOFError, OSError):
             pass
         self.process.join(5)

@@ -22,7 +22,10 @@ Prompt = str | list[int]
 
 class LLM:
     def __init__(self, model: str | None = None, **kwargs):
-        """Load ``model`` (None: the embedded default); kwargs are ``EngineArgs`` fields."""
+        """Load ``model`` (None: the embedded default); kwargs are ``EngineArgs`` fields.
+
+        ``dtype`` defaults to "auto", the backend's choice; ``llm.engine.dtype`` says which it took.
+        """
         unknown = set(kwargs) - set(EngineArgs.field_names())
         if unknown:
             raise TypeError(f"unknown LLM argument(s): {', '.join(sorted(unknown))}")
@@ -69,6 +72,7 @@ class LLM:
     def _collect(self, ids: list[str], use_tqdm: bool | None) -> list[RequestOutput]:
         finals: dict[str, RequestOutput] = {}
         acc: dict[str, dict[int, CompletionOutput]] = {rid: {} for rid in ids}
+        prompt_logprobs: dict[str, list] = {}          # sent in one delta, kept for the final output
         show = sys.stderr.isatty() if use_tqdm is None else use_tqdm
         bar = None
         if show and len(ids) > 1:
@@ -82,8 +86,11 @@ class LLM:
                     raise failed_error(e.request_ids[0], e) from e
                 for out in step_outputs:
                     self._accumulate(acc[out.request_id], out)
+                    if out.prompt_logprobs is not None:
+                        prompt_logprobs[out.request_id] = out.prompt_logprobs
                     if out.finished:
                         out.outputs = [acc[out.request_id][i] for i in sorted(acc[out.request_id])]
+                        out.prompt_logprobs = prompt_logprobs.get(out.request_id)
                         finals[out.request_id] = out
                         if bar is not None:
                             bar.update(1)

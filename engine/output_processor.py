@@ -1,7 +1,10 @@
-"""Turns sampled tokens into text, stop decisions and ``RequestOutput`` deltas.
+"""Turns sampled tokens into text, stop-string matches and ``RequestOutput`` deltas.
 
 One ``RequestState`` per user request; an ``n > 1`` request has ``n``
-``CompletionState`` children, each its own sequence in the scheduler.
+``CompletionState`` children, each its own sequence in the scheduler. The
+token-level stops (EOS, stop ids, lengths) are the scheduler's
+(``scheduler.stop``); this module is told of them and only finds stop
+strings, the one stop that needs text.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class RequestState:
     completions: list[CompletionState]
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    prompt_logprobs: list[Logprobs | None] | None = None   # one per prompt position so far (first: None); None: not asked
+    prompt_logprobs_sent: bool = False           # the complete list went out in a delta
 
     @property
     def finished(self) -> bool:
@@ -44,31 +49,7 @@ class RequestState:
 
 
 @dataclass
-class StopChecker:
-    """The stop rules that do not depend on text (EOS, stop ids, lengths)."""
-
-    eos_token_ids: frozenset[int]
-    max_tokens_per_request: int                  # prompt + output, from the context and the cache
-
-    def check(self, c: CompletionState, token_id: int) -> tuple[str, str | int | None] | None:
-        p = c.params
-        if len(c.token_ids) > p.min_tokens:         # the new token is already appended
-            if not p.ignore_eos and token_id in self.eos_token_ids:
-                return "stop", None
-            if token_id in p.stop_token_ids:
-                return "stop", token_id
-        return None
-
-    def check_length(self, c: CompletionState, num_prompt_tokens: int) -> bool:
-        num_out = len(c.token_ids)
-        if c.params.max_tokens is not None and num_out >= c.params.max_tokens:
-            return True
-        return num_prompt_tokens + num_out >= self.max_tokens_per_request
-
-
-@dataclass
 class OutputProcessor:
-    stop_checker: StopChecker
     states: dict[str, RequestState] = field(default_factory=dict)       # request id -> state
     by_seq: dict[str, tuple[RequestState, CompletionState]] = field(default_factory=dict)
 
@@ -77,8 +58,13 @@ class OutputProcessor:
         for c in state.completions:
             self.by_seq[c.seq_id] = (state, c)
 
-    def process_token(self, seq_id: str, token_id: int, logprobs: Logprobs | None, now: float) -> RequestState:
-        """Record one sampled token; sets finish_reason when the completion ends."""
+    def process_token(self, seq_id: str, token_id: int, logprobs: Logprobs | None, now: float,
+                      finish_reason: str | None = None, stop_token_id: int | None = None) -> RequestState:
+        """Record one sampled token; sets finish_reason when the completion ends.
+
+        ``finish_reason`` is the scheduler's verdict on this token: "stop"
+        (EOS, or the stop id ``stop_token_id``), "length", or None. A stop
+        string matched on the same token wins over "length"."""
         state, c = self.by_seq[seq_id]
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = now
@@ -86,19 +72,30 @@ class OutputProcessor:
         if c.logprobs is not None and logprobs is not None:
             c.logprobs.append(logprobs)
         c.token_ids.append(token_id)
-        stop = self.stop_checker.check(c, token_id)
-        if stop is not None:                         # EOS / stop id: kept in ids, not in text
-            c.finish_reason, c.stop_reason = stop
+        if finish_reason == "stop":                  # EOS / stop id: kept in ids, not in text
+            c.finish_reason, c.stop_reason = "stop", stop_token_id
         else:
             check_stop_str = len(c.token_ids) >= c.params.min_tokens
             matched = c.detok.add_token(token_id, check_stop=check_stop_str)
             if matched is not None:
                 c.finish_reason, c.stop_reason = "stop", matched
-            elif self.stop_checker.check_length(c, len(state.prompt_token_ids)):
+            elif finish_reason == "length":
                 c.finish_reason = "length"
         if c.finish_reason is not None:
             c.detok.finish()
         return state
+
+    def process_prompt_logprobs(self, seq_id: str, first_position: int, logprobs: list[Logprobs]) -> None:
+        """Record the prompt logprobs of one chunk, the first at prompt position
+        ``first_position``; positions already recorded (a chunk recomputed after a
+        preemption) are skipped."""
+        state, _ = self.by_seq[seq_id]
+        have = state.prompt_logprobs
+        if have is None:
+            return
+        for position, lp in enumerate(logprobs, start=first_position):
+            if position == len(have):
+                have.append(lp)
 
     def abort(self, state: RequestState, reason: str = "abort") -> None:
         for c in state.completions:
@@ -120,8 +117,12 @@ class OutputProcessor:
         finished = state.finished
         if finished and state.metrics.finished_time is None:
             state.metrics.finished_time = now or time.time()
+        prompt_logprobs = None
+        if (state.prompt_logprobs is not None and not state.prompt_logprobs_sent
+                and len(state.prompt_logprobs) == len(state.prompt_token_ids)):
+            prompt_logprobs, state.prompt_logprobs_sent = state.prompt_logprobs, True
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs, finished,
-                             state.num_cached_tokens, state.metrics)
+                             state.num_cached_tokens, state.metrics, prompt_logprobs=prompt_logprobs)
 
     def remove(self, state: RequestState) -> None:
         self.states.pop(state.request_id, None)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler.output import Logprobs
+from scheduler.output import Logprobs  # re-exported: the engine's callers take it from here
 
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "time_limit")
 
 
 @dataclass
@@ -20,7 +20,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None        # None while running, then "stop" / "length" / "abort"
+    finish_reason: str | None = None        # None while running, then "stop" / "length" / "abort" / "time_limit"
     stop_reason: str | int | None = None    # the matched stop string or stop token id
     logprobs: list[Logprobs] | None = None  # one per token when asked
 
@@ -60,6 +60,9 @@ class RequestOutput:
     num_cached_tokens: int = 0              # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
     emitted_time: float | None = None       # when the AsyncEngine handed this delta over (time.time())
+    # With SamplingParams.prompt_logprobs: one entry per prompt token (the first None), in the one delta
+    # that follows the prompt's last chunk (and in the offline API's final output); else None.
+    prompt_logprobs: list[Logprobs | None] | None = None
 
     @property
     def num_generated_tokens(self) -> int:

@@ -29,10 +29,17 @@ class ScheduledRequest:
     num_computed_tokens: int        # tokens already in the KV cache; positions start here
     block_table: list[int]          # physical block ids, in logical order, covering all tokens
     slot_mapping: list[int]         # cache slot of each of token_ids
-    sampling_params: Any            # engine.SamplingParams (opaque to the scheduler)
+    sampling_params: Any            # engine.SamplingParams (the scheduler reads only its stop fields)
     needs_sample: bool              # chunk reaches the end of the known tokens: sample one token
     prompt_token_ids: list[int] = field(default_factory=list)   # for repetition penalty
     output_token_ids: list[int] = field(default_factory=list)   # generated so far (penalties, min_tokens)
+    num_prompt_logprobs: int | None = None  # top-k of prompt logprobs for this chunk's prompt positions; None: none
+    grammar_bitmask: Any = None     # [ceil(V/32)] int32 numpy, bit t set: token t allowed (set by the engine); None: free
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """The backend returns logprobs of the prompt tokens this chunk predicts (``StepResult.prompt_logprobs``)."""
+        return self.num_prompt_logprobs is not None
 
     @property
     def num_new_tokens(self) -> int:
@@ -78,7 +85,15 @@ class Logprobs:
 
 @dataclass
 class StepResult:
-    """What a backend returns for one step: a token per request that sampled."""
+    """What a backend returns for one step: a token per request that sampled.
+
+    ``prompt_logprobs[request_id]`` (only for requests with
+    ``needs_prompt_logprobs``) holds one entry per prompt token that this
+    step's chunk predicts: its rows at positions ``p`` with ``p + 1`` inside
+    the prompt give the logprob of prompt token ``p + 1``, so the list starts
+    at prompt position ``num_computed_tokens + 1``.
+    """
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)     # request id -> token
     logprobs: dict[str, Logprobs] = field(default_factory=dict)         # only where asked
+    prompt_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)   # request id -> this chunk's

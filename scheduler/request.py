@@ -22,11 +22,12 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_TIME_LIMIT = "time_limit"    # its time limit passed: ended with what it had, not an error
     FINISHED_ERROR = "error"
 
     @property
     def is_finished(self) -> bool:
-        return self.value in ("stop", "length", "abort", "error")
+        return self.value in ("stop", "length", "abort", "time_limit", "error")
 
 
 def hash_block_tokens(parent_hash: bytes | None, token_ids: list[int], extra_key: bytes = b"") -> bytes:
@@ -45,7 +46,14 @@ def hash_block_tokens(parent_hash: bytes | None, token_ids: list[int], extra_key
 
 
 class Request:
-    """Scheduling state of one sequence (one completion of a prompt)."""
+    """Scheduling state of one sequence (one completion of a prompt).
+
+    ``sampling_params`` is opaque here except for the stop fields of
+    ``scheduler.stop.StopParams`` (None: EOS and the context limit only).
+    ``priority`` orders the waiting queue under the priority policy (lower
+    first); ``num_prompt_logprobs`` (top-k per prompt position, None: none)
+    asks the backend for the logprob of every prompt token after the first.
+    """
 
     def __init__(
         self,
@@ -56,15 +64,23 @@ class Request:
         *,
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        priority: int = 0,
+        num_prompt_logprobs: int | None = None,
     ):
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if num_prompt_logprobs is not None and (not isinstance(num_prompt_logprobs, int) or num_prompt_logprobs < 0):
+            raise ValueError(f"num_prompt_logprobs must be None or a non-negative integer, got {num_prompt_logprobs!r}")
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.block_size = block_size
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.extra_key = cache_salt.encode() if cache_salt else b""
+        self.priority = priority                        # lower runs first (priority policy only)
+        self.num_prompt_logprobs = num_prompt_logprobs  # top-k per prompt position; None: no prompt logprobs
 
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -72,6 +88,7 @@ class Request:
         self.num_cached_tokens = -1          # prompt tokens found in the prefix cache, set on first admission
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
+        self.stop_reason: int | None = None  # the stop token id that ended it; None for EOS, length or abort
         self.block_hashes: list[bytes] = []  # one per full block of all_token_ids
         self._update_block_hashes()
 
@@ -90,6 +107,13 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and are not all computed yet: no token
+        was sampled (the step that computes the prompt's end samples one), so
+        a request preempted later takes prefix-cache hits again."""
+        return self.num_prompt_logprobs is not None and not self.output_token_ids
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

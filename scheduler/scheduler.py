@@ -3,20 +3,46 @@
 Each step has a budget of ``max_num_batched_tokens`` tokens and at most
 ``max_num_seqs`` running requests. Running requests go first (a decode costs
 one token, an unfinished prefill continues with as many tokens as the budget
-allows: chunked prefill), then waiting requests in arrival order. When the
-pool runs out of blocks the youngest running request is preempted: its blocks
-are freed and it goes back to the head of the waiting queue, to be recomputed
-(mostly from the prefix cache) when there is room again.
+allows: chunked prefill), then waiting requests in queue order. When the
+pool runs out of blocks a running request is preempted: its blocks are freed
+and it goes back to the waiting queue, to be recomputed (mostly from the
+prefix cache) when there is room again.
+
+Two policies (``SchedulerConfig.policy``, vLLM's ``--scheduling-policy``):
+
+- ``fcfs``: the queue is in arrival order; the victim is the youngest running
+  request and goes back to the head of the queue.
+- ``priority``: the queue is ordered by ``(Request.priority, arrival)``, lower
+  first, ties first come first served; the victim is the lowest-priority
+  (largest value), youngest running request, and goes back to its place by
+  that order. Admission never preempts: a high-priority request overtakes the
+  waiting ones, not the running ones.
+
+A request asking for prompt logprobs takes no prefix-cache hits until its
+prompt is computed: every prompt position must produce its logits.
+
+The scheduler also ends requests on their token ids (EOS, stop ids, length;
+``scheduler.stop``) as it takes each step's sampled tokens, freeing their
+blocks at once; stop strings need text and are the engine's to report back
+through ``finish_requests``.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import count
 
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.output import ScheduledRequest, SchedulerOutput, StepResult
 from scheduler.request import Request, RequestStatus
+from scheduler.stop import check_stop
+
+
+# The scheduling policies (vLLM's names): arrival order, or Request.priority first.
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass(frozen=True)
@@ -27,11 +53,19 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048      # tokens per step at most
     max_model_len: int = 8192               # prompt + output tokens of one request at most
     enable_prefix_caching: bool = True
+    eos_token_ids: frozenset[int] = frozenset()   # tokens that end a request unless its params say ignore_eos
+    policy: str = "fcfs"                    # one of SCHEDULING_POLICIES: queue order and preemption victim
 
     def __post_init__(self) -> None:
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.policy!r}")
         for name in ("num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        object.__setattr__(self, "eos_token_ids", frozenset(self.eos_token_ids))   # accept any iterable
+        bad = [t for t in self.eos_token_ids if not isinstance(t, int) or t < 0]
+        if bad:
+            raise ValueError(f"eos_token_ids must hold non-negative token ids, got {bad[0]!r}")
 
     @property
     def max_tokens_per_request(self) -> int:
@@ -49,6 +83,8 @@ class Scheduler:
         self.num_preemptions = 0
         self._finished_ids: set[str] = set()
         self._preempted_ids: set[str] = set()
+        self._arrivals = count()                      # admission order: breaks priority ties first come first served
+        self._order: dict[str, tuple[int, int]] = {}  # request id -> (priority, arrival), priority policy only
 
     # -- requests in and out -------------------------------------------------
 
@@ -63,25 +99,39 @@ class Scheduler:
                 f"KV cache={self.config.num_kv_blocks * self.config.block_size} tokens)"
             )
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        if self.config.policy == "priority":
+            self._order[request.request_id] = (request.priority, next(self._arrivals))
+            self._enqueue(request)
+        else:
+            self.waiting.append(request)
 
-    def finish_requests(self, request_ids, status: RequestStatus) -> list[Request]:
-        """End requests (stopped, length, aborted, failed) and free their blocks."""
+    def _enqueue(self, request: Request) -> None:
+        """Insert into the priority-ordered waiting queue, after its equals."""
+        keys = [self._order[r.request_id] for r in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, self._order[request.request_id]), request)
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> list[Request]:
+        """End requests from outside (a stop string, an abort, a failed step)
+        and free their blocks; ids already finished are skipped."""
         assert status.is_finished
         done = []
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
-            request = self.requests.pop(rid, None)
-            if request is None:
-                continue
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-            else:
-                self.waiting.remove(request)
-            self.kv.free(request)
-            request.status = status
-            self._finished_ids.add(rid)
-            done.append(request)
+            request = self.requests.get(rid)
+            if request is not None:
+                self._finish(request, status)
+                done.append(request)
         return done
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        del self.requests[request.request_id]
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        self._order.pop(request.request_id, None)
+        request.status = status
+        self._finished_ids.add(request.request_id)
 
     @property
     def num_running(self) -> int:
@@ -106,7 +156,10 @@ class Scheduler:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while self.kv.allocate_slots(request, num_new) is None:
-                victim = self.running.pop()
+                j = self._victim_index()
+                victim = self.running.pop(j)
+                if j < i:                        # a request scheduled earlier in this step
+                    i -= 1
                 self._preempt(victim)
                 preempted_now = True
                 if victim.request_id in scheduled:
@@ -122,7 +175,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted_now
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
-            hits, num_cached = self.kv.get_computed_blocks(request)
+            hits, num_cached = ([], 0) if request.needs_prompt_logprobs else self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget)
             if self.kv.allocate_slots(request, num_new, hits) is None:
                 break
@@ -150,12 +203,22 @@ class Scheduler:
         self._finished_ids |= out.finished_request_ids
         self._preempted_ids |= out.preempted_request_ids
 
+    def _victim_index(self) -> int:
+        """Index in ``running`` of the request to preempt: the youngest (fcfs),
+        or the lowest-priority, youngest one (priority)."""
+        if self.config.policy == "priority":
+            return max(range(len(self.running)), key=lambda j: self._order[self.running[j].request_id])
+        return len(self.running) - 1
+
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
-        self.waiting.appendleft(request)
+        if self.config.policy == "priority":
+            self._enqueue(request)
+        else:
+            self.waiting.appendleft(request)
         self._preempted_ids.add(request.request_id)
         self.num_preemptions += 1
 
@@ -173,10 +236,17 @@ class Scheduler:
             needs_sample=start + num_new == request.num_tokens,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
+            num_prompt_logprobs=(request.num_prompt_logprobs if request.needs_prompt_logprobs
+                                 and start < request.num_prompt_tokens - 1 else None),
         )
 
     def update_from_output(self, scheduler_output: SchedulerOutput, result: StepResult) -> list[Request]:
-        """Advance the scheduled requests; returns those that got a new token."""
+        """Advance the scheduled requests and apply the token-level stops.
+
+        Returns the requests that got a new token, in layout order. Those the
+        token ended (``scheduler.stop``) are already out of the scheduler,
+        their blocks freed: status FINISHED_STOPPED (``stop_reason``: the stop
+        token id, None for EOS) or FINISHED_LENGTH."""
         updated = []
         for sr in scheduler_output.scheduled:
             request = self.requests.get(sr.request_id)
@@ -184,7 +254,12 @@ class Scheduler:
                 continue
             request.num_computed_tokens += len(sr.token_ids)
             token = result.sampled_token_ids.get(sr.request_id)
-            if token is not None:
-                request.append_output_token(token)
-                updated.append(request)
+            if token is None:
+                continue
+            request.append_output_token(token)
+            updated.append(request)
+            stop = check_stop(request, self.config.eos_token_ids, self.config.max_tokens_per_request)
+            if stop is not None:
+                status, request.stop_reason = stop
+                self._finish(request, status)
         return updated

@@ -4,7 +4,8 @@
 default group, so several engines can live in one process, e.g. in tests).
 Rendezvous goes through a ``TCPStore``: the driver (rank 0) hosts one on a
 free loopback port and spawns the workers with its address, or, under
-``torchrun``, every rank meets at ``MASTER_ADDR:MASTER_PORT`` (``env://``).
+``torchrun``, every rank meets at ``MASTER_ADDR:MASTER_PORT`` (``env://``;
+``launch`` reads torchrun's variables).
 
 Every call takes a timeout, so a dead or stuck peer turns into an exception
 instead of a hang: a peer that exits closes its sockets and the pending
@@ -17,7 +18,6 @@ tensor of bytes.
 
 from __future__ import annotations
 
-import os
 import pickle
 from datetime import timedelta
 
@@ -32,19 +32,6 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=30)
 SETUP_TIMEOUT = timedelta(seconds=300)
 # A worker's wait for the driver's next command: the engine may idle for days.
 FOREVER = timedelta(days=365)
-
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def launched_by_torchrun() -> bool:
-    """Whether torch's launcher set this process's rank (torch's variables, not pagedgen's)."""
-    return all(name in os.environ for name in TORCHRUN_VARS)
-
-
-def torchrun_rank() -> tuple[int, int]:
-    """``(rank, world_size)`` from torchrun's variables."""
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-
 
 def create_store(host: str, port: int, world_size: int, is_driver: bool) -> dist.TCPStore:
     """The rendezvous store: hosted by the driver (``port`` 0 picks a free one), joined by workers."""

@@ -32,15 +32,15 @@ import numpy as np
 import structlog
 import torch
 
-from backends.base import blocks_for_memory, run_step
-from backends.cpu.backend import available_cores
+from backends.base import Backend, BackendOptions, blocks_for_memory, run_step
+from backends.cpu.backend import DEFAULT_DTYPE, available_cores
 from backends.sampler import Sampler
 from backends.tp import comm
+from backends.tp.launch import launched_by_torchrun, ready_key
 from backends.tp.rank import RankRunner, model_inputs_only
 from backends.tp.sharding import check_tp_size, shard_config, shard_weights
-from backends.tp.worker import ready_key
-from engine.errors import EngineDeadError
-from engine.model_config import ModelConfig
+from common.errors import EngineDeadError
+from model.config import ModelConfig
 from scheduler.output import SchedulerOutput, StepResult
 
 log = structlog.get_logger(__name__)
@@ -75,7 +75,7 @@ def _stop_processes(procs: list[subprocess.Popen], grace_s: float) -> None:
             p.wait()
 
 
-class TPBackend:
+class TPBackend(Backend):
     """``Backend`` over N tensor-parallel ranks (see ``backends/base.py`` for the life cycle)."""
 
     name = "cpu"
@@ -86,17 +86,12 @@ class TPBackend:
         weights: dict[str, np.ndarray],
         *,
         tensor_parallel_size: int,
-        device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str = DEFAULT_DTYPE,
         seed: int = 0,
         num_threads: int | None = None,
         eos_token_ids: tuple[int, ...] = (),
-        **device_options,                 # options of other devices' backends (none apply on cpu)
     ) -> None:
         check_tp_size(model_config, tensor_parallel_size)
-        if device != "cpu":
-            raise ValueError(f"tensor parallelism runs on the cpu backend (gloo) so far, not {device!r}; "
-                             f"see the README for the GPU (NCCL) plan")
         self.dtype = dtype
         self.model_config = model_config
         self.world_size = tensor_parallel_size
@@ -130,7 +125,7 @@ class TPBackend:
 
     def _join_group(self) -> comm.TPGroup:
         n = self.world_size
-        if comm.launched_by_torchrun():
+        if launched_by_torchrun():
             store, rank, world_size = comm.env_store()
             if rank != 0 or world_size != n:
                 raise ValueError(f"under torchrun the engine must be rank 0 of a world of tensor_parallel_size={n} "
@@ -248,3 +243,10 @@ class TPBackend:
             if p.poll() is None:
                 p.kill()
         _stop_processes(self.workers, 0.0)
+
+
+def create(model_config: ModelConfig, weights: dict[str, np.ndarray], options: BackendOptions) -> TPBackend:
+    """The registry's tensor-parallel factory of the cpu device: every rank runs the cpu backend's model."""
+    return TPBackend(model_config, weights, tensor_parallel_size=options.tensor_parallel_size,
+                     dtype=options.resolve_dtype(DEFAULT_DTYPE), seed=options.seed,
+                     num_threads=options.num_threads, eos_token_ids=options.eos_token_ids)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from backends.cpu.backend import CPUBackend
 from backends.tp.comm import TPGroup
-from engine.model_config import ModelConfig
+from model.config import ModelConfig
 from scheduler.output import ScheduledRequest, SchedulerOutput
 
 

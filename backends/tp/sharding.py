@@ -7,13 +7,13 @@ Megatron-style, with the all-reduces placed by ``backends.torch_model.LlamaModel
     o_proj         [hidden, H*D]     row-parallel: the input columns of its query heads -> all-reduce
     gate/up_proj   [I, hidden]       column-parallel: rows r*I/N .. (r+1)*I/N
     down_proj      [hidden, I]       row-parallel: the matching input columns -> all-reduce
-    norms          [hidden]          replicated
+    norms          [hidden], [D]     replicated (q/k norms and Gemma's sandwich norms too)
     lm_head        [V, hidden]       rows split like the embedding; shard logits gathered to the driver
 
 A rank's shard is described by ``shard_config``: the same ``ModelConfig`` with
 ``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size`` and
 ``vocab_size`` divided by the world size. The shard's canonical shapes
-(``engine.weights.canonical.expected_shapes``) are exactly the shapes of the
+(``model.weights.canonical.expected_shapes``) are exactly the shapes of the
 slices ``shard_weights`` cuts, so the ordinary weight loader and CPU backend
 run a shard unchanged. Slices are numpy views: a rank never materialises the
 whole model in torch.
@@ -25,11 +25,13 @@ from dataclasses import replace
 
 import numpy as np
 
-from engine.model_config import ModelConfig
+from model.config import ModelConfig
 
 
 def valid_tp_sizes(config: ModelConfig) -> list[int]:
-    """Every world size that splits the query heads, KV heads and MLP evenly."""
+    """Every world size that splits the query heads, KV heads and MLP evenly (1 alone for MoE models)."""
+    if config.traits.moe:
+        return [1]
     counts = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
     return [n for n in range(1, config.num_key_value_heads + 1) if all(c % n == 0 for c in counts)]
 
@@ -38,6 +40,10 @@ def check_tp_size(config: ModelConfig, world_size: int) -> None:
     """Raise ValueError unless ``world_size`` divides the heads and the MLP of ``config``."""
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {world_size!r}")
+    if world_size > 1 and config.traits.moe:
+        raise ValueError(
+            f"tensor_parallel_size={world_size}: {config.traits.display} is a mixture of experts, which "
+            f"tensor parallelism does not split yet; use tensor_parallel_size=1")
     if world_size not in valid_tp_sizes(config):
         raise ValueError(
             f"tensor_parallel_size={world_size} cannot split this model: it has "

@@ -1,11 +1,15 @@
 """A tensor-parallel worker process: ranks 1 .. N-1 of the group.
 
-Started by the driver (``TPBackend``) as ``python -m backends.tp.worker
---rank R --world-size N --master-addr ADDR --master-port PORT --parent-pid PID``,
-or by ``torchrun`` on any node (``env://``; see the README). Under torchrun,
-rank 0 runs the ``pagedgen`` command line given after the module instead::
+Started one of two ways. The driver (``TPBackend``) spawns it as ``python -m
+backends.tp.worker --rank R --world-size N --master-addr ADDR --master-port
+PORT --parent-pid PID`` (``main``). Or ``torchrun`` starts every rank of the
+group, on any node, with the same ``pagedgen`` command line (see the
+README)::
 
-    torchrun ... -m backends.tp.worker serve --tensor-parallel-size N --model DIR
+    torchrun ... -m cli serve --tensor-parallel-size N --model DIR
+
+and the command line (``cli.main``) runs rank 0 as the engine and hands
+every other rank to ``run_torchrun_worker`` (``env://`` rendezvous).
 
 A worker's life: join the group, receive the model config and its weight
 shard from the driver, then obey the driver's broadcast commands
@@ -24,14 +28,11 @@ import time
 
 import structlog
 
+from backends.tp.launch import ready_key
+
 log = structlog.get_logger("pagedgen.tp.worker")
 
 PARENT_POLL_S = 0.5
-
-
-def ready_key(rank: int) -> str:
-    """The store key a rank sets (to its pid) once it is about to join the group."""
-    return f"pagedgen/tp/ready/{rank}"
 
 
 def serve_rank(group) -> int:
@@ -41,8 +42,8 @@ def serve_rank(group) -> int:
     from backends.tp.comm import FOREVER, SETUP_TIMEOUT
     from backends.tp.rank import RankRunner
     from backends.tp.sharding import shard_config
-    from engine.model_config import ModelConfig
-    from engine.weights.canonical import expected_shapes
+    from model.config import ModelConfig
+    from model.weights.canonical import expected_shapes
 
     init = group.broadcast_object(timeout=SETUP_TIMEOUT)
     config = ModelConfig.from_dict(init["config"])
@@ -86,31 +87,40 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+def run_torchrun_worker() -> int:
+    """Serve this torchrun rank (not 0) as a worker of the driver at ``MASTER_ADDR:MASTER_PORT``; the exit code."""
+    from backends.tp import comm
+    from backends.tp.launch import torchrun_rank
+
+    launched = torchrun_rank()
+    if launched is None or launched[0] == 0:
+        raise ValueError("run_torchrun_worker serves torchrun's ranks 1 .. N-1 (rank 0 runs the engine)")
+    store, rank, world_size = comm.env_store()
+    return _serve(store, rank, world_size, host=None)
+
+
+def _serve(store, rank: int, world_size: int, host: str | None) -> int:
+    """Announce this rank, join the group and serve it; a failure is logged and exits non-zero."""
     from backends.tp import comm
 
-    argv = sys.argv[1:] if argv is None else argv
-    if comm.launched_by_torchrun():
-        rank, _ = comm.torchrun_rank()
-        if rank == 0:                       # the driver: the pagedgen command line that follows
-            from service.cli import main as cli_main
-
-            return cli_main(argv)
-        store, rank, world_size = comm.env_store()
-        host = None
-    else:
-        args = _parse(argv)
-        if args.parent_pid is not None:
-            _exit_with_parent(args.parent_pid)
-        rank, world_size, host = args.rank, args.world_size, args.master_addr
-        store = comm.create_store(host, args.master_port, world_size, is_driver=False)
     try:
         store.set(ready_key(rank), str(os.getpid()))
         return serve_rank(comm.TPGroup(store, rank, world_size, host))
     except Exception as e:  # noqa: BLE001 - a worker reports why it stops, then exits non-zero
         log.error("tp_worker_exit", rank=rank, error=repr(e)[:500])
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A worker the driver spawned (torchrun's ranks start through the ``pagedgen`` command line instead)."""
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    from backends.tp import comm
+
+    args = _parse(argv)
+    if args.parent_pid is not None:
+        _exit_with_parent(args.parent_pid)
+    store = comm.create_store(args.master_addr, args.master_port, args.world_size, is_driver=False)
+    return _serve(store, args.rank, args.world_size, args.master_addr)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ mx = pytest.importorskip("mlx.core")
 from backends import sampler as torch_sampler  # noqa: E402
 from backends.metal import sampler as mlx_sampler  # noqa: E402
 from backends.metal.sampler import MetalSampler  # noqa: E402
+from backends.sampling_plan import plan_min_p, plan_penalties, plan_top_k_top_p  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from scheduler.output import ScheduledRequest  # noqa: E402
 from tests.factories import make_tiny_hf_model  # noqa: E402
@@ -31,9 +32,9 @@ def test_penalties_equal_the_torch_sampler():
     logits = random_logits(4)
     prompts = [[1, 2, 3], [4, 4, 5], [6], [7, 8, 9, 10]]
     outputs = [[3, 3, 11], [5, 12, 12, 12], [], [499, 0, 0]]
-    args = (prompts, outputs, [1.0, 1.3, 0.8, 1.0], [0.0, 0.5, 0.0, -0.3], [0.2, 0.0, 0.0, 0.7])
-    expected = torch_sampler.apply_penalties(logits, *args)
-    got = mlx_sampler.apply_penalties(mx.array(logits.numpy()), *args)
+    plan = plan_penalties(prompts, outputs, [1.0, 1.3, 0.8, 1.0], [0.0, 0.5, 0.0, -0.3], [0.2, 0.0, 0.0, 0.7], V)
+    expected = torch_sampler.apply_penalties(logits, plan)
+    got = mlx_sampler.apply_penalties(mx.array(logits.numpy()), plan)
     np.testing.assert_allclose(np.array(got), expected.numpy(), rtol=1e-6, atol=1e-6)
     assert not np.allclose(np.array(got), logits.numpy())
 
@@ -46,12 +47,13 @@ def test_penalties_equal_the_torch_sampler():
 def test_top_k_top_p_and_min_p_masks_equal_the_torch_sampler(top_k, top_p):
     logits = random_logits(4, seed=1, scale=0.3)               # flat: wide nuclei
     logits[2, :10] = 5.0                                       # a tie at the top
-    expected = torch_sampler.apply_top_k_top_p(logits, top_k, top_p)
-    got = mlx_sampler.apply_top_k_top_p(mx.array(logits.numpy()), top_k, top_p)
+    stage = plan_top_k_top_p(top_k, top_p, V)
+    expected = torch_sampler.apply_top_k_top_p(logits, stage)
+    got = mlx_sampler.apply_top_k_top_p(mx.array(logits.numpy()), stage)
     np.testing.assert_array_equal(np.isfinite(np.array(got)), torch.isfinite(expected).numpy())
-    min_p = [0.0, 0.1, 0.5, 0.9]
-    expected = torch_sampler.apply_min_p(logits, min_p)
-    got = mlx_sampler.apply_min_p(mx.array(logits.numpy()), min_p)
+    min_p_log = plan_min_p([0.0, 0.1, 0.5, 0.9])
+    expected = torch_sampler.apply_min_p(logits, min_p_log)
+    got = mlx_sampler.apply_min_p(mx.array(logits.numpy()), min_p_log)
     np.testing.assert_array_equal(np.isfinite(np.array(got)), torch.isfinite(expected).numpy())
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from backends.sampler import Sampler, apply_penalties, apply_top_k_top_p
+from backends.sampling_plan import plan_penalties, plan_top_k_top_p
 from engine.sampling_params import SamplingParams
 
 V = 64
@@ -108,13 +109,23 @@ def test_unseeded_rows_follow_the_sampler_seed():
 
 def test_penalties_match_hand_computation():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]])
-    out = apply_penalties(logits, prompt_ids=[[0, 1]], output_ids=[[3, 3, 4]],
-                          repetition=[2.0], presence=[0.5], frequency=[0.25])
+    out = apply_penalties(logits, plan_penalties(prompt_ids=[[0, 1]], output_ids=[[3, 3, 4]], repetition=[2.0],
+                                                 presence=[0.5], frequency=[0.25], vocab_size=5))
     # repetition over {0, 1, 3, 4}: 2/2, -1*2, 0.5 untouched, 3/2, -2*2
     # then output counts {3: 2, 4: 1}: 3 -> -(0.25*2 + 0.5), 4 -> -(0.25 + 0.5)
     expected = torch.tensor([[1.0, -2.0, 0.5, 1.5 - 1.0, -4.0 - 0.75]])
     torch.testing.assert_close(out, expected)
     assert torch.equal(logits, torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]]))      # input untouched
+
+
+def test_penalties_leave_rows_without_one_untouched():
+    logits = random_logits(3)
+    plan = plan_penalties([[1], [2], [3]], [[4], [5], [6]], repetition=[1.0, 1.5, 1.0], presence=[0.0, 0.0, 0.0],
+                          frequency=[0.0, 0.0, 0.4], vocab_size=V)
+    out = apply_penalties(logits, plan)
+    assert torch.equal(out[0], logits[0])
+    assert not torch.equal(out[1], logits[1]) and not torch.equal(out[2], logits[2])
+    assert torch.equal(out[1, 6:], logits[1, 6:])                    # only seen tokens move
 
 
 def test_penalties_apply_before_greedy():
@@ -168,10 +179,10 @@ def test_filters_never_sample_outside_the_allowed_set(params, allowed_size):
 
 def test_top_p_falls_back_to_full_sort_for_flat_distributions():
     logits = torch.zeros(2, 3000)                                      # nucleus of 0.9 -> 2700 tokens
-    out = apply_top_k_top_p(logits, [0, 0], [0.9, 1.0])
+    out = apply_top_k_top_p(logits, plan_top_k_top_p([0, 0], [0.9, 1.0], 3000))
     assert int(torch.isfinite(out[0]).sum()) == 3000                   # ties with the last kept stay
     logits = torch.linspace(0, 1, 3000)[None, :].repeat(2, 1)
-    out = apply_top_k_top_p(logits, [0, 50], [0.9, 0.5])
+    out = apply_top_k_top_p(logits, plan_top_k_top_p([0, 50], [0.9, 0.5], 3000))
     probs = torch.softmax(logits[0], -1).flip(0)
     assert int(torch.isfinite(out[0]).sum()) == int((probs.cumsum(0) < 0.9).sum()) + 1
     assert 0 < int(torch.isfinite(out[1]).sum()) <= 50

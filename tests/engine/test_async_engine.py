@@ -15,8 +15,9 @@ from contextlib import aclosing
 import pytest
 
 from engine.args import EngineArgs
+from common.errors import EngineDeadError, EngineShutdownError, InvalidRequestError, RequestFailedError
 from engine.async_engine import AsyncEngine
-from engine.errors import EngineDeadError, EngineShutdownError, InvalidRequestError, RequestFailedError
+from engine.core_client import EngineCoreClient
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from tests.factories import make_tiny_hf_model
@@ -86,6 +87,7 @@ def test_engine_process_streams_what_the_offline_engine_generates(process_engine
 
     assert asyncio.run(run()) == offline_tokens(model_dir, 24)
     assert process_engine.engine is None and process_engine.engine_process_pid != os.getpid()
+    assert isinstance(process_engine._core, EngineCoreClient)
     assert process_engine.model_info.num_kv_blocks == 64
     assert process_engine.tokenizer.decode(process_engine.tokenizer.encode("hello world")) == "hello world"
 
@@ -174,6 +176,7 @@ def test_a_killed_engine_process_fails_its_streams_and_the_engine_is_dead(model_
 @pytest.mark.parametrize("engine_process", [True, False], ids=["process", "thread"])
 def test_shutdown_ends_running_streams(model_dir, engine_process):
     engine = AsyncEngine(engine_args(model_dir), engine_process=engine_process)
+    assert (engine.engine_process_pid is None) == (not engine_process)
 
     async def run():
         stream = engine.generate("long", prompt_token_ids=PROMPTS[2], sampling_params=greedy(10_000))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import count
 
 from scheduler.kv_cache_manager import KVCacheManager
@@ -11,10 +12,21 @@ from scheduler.scheduler import Scheduler, SchedulerConfig
 _ids = count()
 
 
+@dataclass(frozen=True)
+class StopFields:
+    """Just the sampling-param fields the scheduler reads (scheduler.stop.StopParams)."""
+
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    max_tokens: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
 def make_request(num_tokens: int = 10, *, block_size: int = 16, token_ids: list[int] | None = None,
-                 request_id: str | None = None, cache_salt: str | None = None) -> Request:
+                 request_id: str | None = None, cache_salt: str | None = None,
+                 sampling_params: StopFields | None = None) -> Request:
     ids = token_ids if token_ids is not None else [1000 + next(_ids) % 1000 + i for i in range(num_tokens)]
-    return Request(request_id or f"req-{next(_ids)}", ids, sampling_params=None, block_size=block_size,
+    return Request(request_id or f"req-{next(_ids)}", ids, sampling_params=sampling_params, block_size=block_size,
                    cache_salt=cache_salt)
 
 

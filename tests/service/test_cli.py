@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import build_parser, main, parse_bytes
+from cli.main import build_parser, main
+from engine.args import parse_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,8 +34,7 @@ def test_serve_options_map_to_engine_args():
 
     args = build_parser().parse_args(["serve", "--model", "m", "--kv-cache-memory", "1GiB", "--max-queue", "8",
                                       "--no-enable-prefix-caching", "--port", "0", "--block-size", "32"])
-    kwargs = {k: v for k, v in vars(args).items() if k in EngineArgs.field_names()}
-    engine_args = EngineArgs(**kwargs)
+    engine_args = EngineArgs.from_cli_args(args)
     assert (engine_args.model, engine_args.kv_cache_memory, engine_args.max_queue) == ("m", 2**30, 8)
     assert engine_args.enable_prefix_caching is False and engine_args.block_size == 32
     assert args.host == "127.0.0.1" and args.port == 0 and args.grace_period == 30.0
@@ -43,7 +43,7 @@ def test_serve_options_map_to_engine_args():
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("command", [[], ["serve"], ["generate"], ["bench"]])
 def test_help(command):
-    out = subprocess.run([sys.executable, "-m", "service", *command, "--help"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "cli", *command, "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert out.startswith("usage: pagedgen")
     if command == ["serve"]:
@@ -75,3 +75,19 @@ def test_generate_streams_to_stdout(fake_server, capsys):
 def test_generate_reports_errors(fake_server, capsys):
     assert main(["generate", "hello", "--server", fake_server.address, "--top-p", "7"]) == 1
     assert "INVALID_ARGUMENT: sampling.top_p" in capsys.readouterr().err
+
+
+TORCHRUN_RANK_1 = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "hello"], "rank 1 is a tensor-parallel worker"),
+    (["serve", "--tensor-parallel-size", "3"], "--tensor-parallel-size must be the world size 2"),
+    (["serve", "--tensor-parallel-size", "2", "--block-size", "0"], "block_size"),
+])
+def test_a_torchrun_worker_rank_checks_the_command_line_first(monkeypatch, capsys, argv, message):
+    for name, value in TORCHRUN_RANK_1.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as info:                  # before any rendezvous: nothing listens on port 1
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err

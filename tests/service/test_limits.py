@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 from engine.async_engine import AsyncEngine
 from pagedgen_client import PagedgenClientError
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
-from service import cli
+from cli import main as cli
 from service.limits import DEFAULT_MAX_MESSAGE_BYTES, RequestLimits, exposure_warning, is_loopback
 from service.server import SERVICE_NAME, ServerOptions
 from tests.service.conftest import ServerThread, tiny_engine_args

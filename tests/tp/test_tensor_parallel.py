@@ -22,9 +22,9 @@ import pytest
 
 from backends.tp.sharding import check_tp_size, shard_config, shard_weights, valid_tp_sizes
 from engine import LLM, SamplingParams
-from engine.model_config import ModelConfig
-from engine.weights.canonical import expected_shapes
-from engine.weights.safetensors_io import read_safetensors, write_safetensors
+from model.config import ModelConfig
+from model.weights.canonical import expected_shapes
+from model.weights.safetensors_io import read_safetensors, write_safetensors
 from tests.factories import make_tiny_hf_model
 
 PROMPTS = [

@@ -15,6 +15,11 @@ class InvalidRequestError(PagedgenError, ValueError):
     """The request is malformed; the caller must change it (INVALID_ARGUMENT)."""
 
 
+class DuplicateRequestError(InvalidRequestError):
+    """A request with this id is still in flight; ids are the caller's, so the
+    caller must pick another or wait (ALREADY_EXISTS, HTTP 409)."""
+
+
 class QueueFullError(PagedgenError):
     """The waiting queue is at ``max_queue``; retry later (RESOURCE_EXHAUSTED)."""
 

@@ -10,6 +10,7 @@ variable                    default                meaning
 ``PAGEDGEN_CACHE_DIR``      ``~/.cache/pagedgen``  where converted models (GGUF -> float32) live
 ``PAGEDGEN_LOG_LEVEL``      ``INFO``               DEBUG, INFO, WARNING, ERROR or CRITICAL
 ``PAGEDGEN_API_KEY``        (none)                 ``pagedgen serve``'s API key when ``--api-key`` is not given
+``PAGEDGEN_API_KEY_FILE``   (none)                 a file holding that key (a mounted Secret); not with the above
 ``PAGEDGEN_CPU_KERNELS``    ``1``                  build/use the native cpu decode-attention kernel (0: torch only)
 ==========================  =====================  ===========================================
 """
@@ -28,6 +29,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PAGEDGEN_CACHE_DIR": ("~/.cache/pagedgen", "directory for converted model caches"),
     "PAGEDGEN_LOG_LEVEL": ("INFO", f"log level, one of {', '.join(LOG_LEVELS)}"),
     "PAGEDGEN_API_KEY": ("", "API key the server requires (gRPC and HTTP) when --api-key is not given"),
+    "PAGEDGEN_API_KEY_FILE": ("", "file whose content (surrounding whitespace stripped) is that API key"),
     "PAGEDGEN_CPU_KERNELS": ("1", "build and use the native cpu attention kernel (0: pure torch)"),
 }
 
@@ -35,7 +37,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
 def _raw(name: str) -> str | None:
     """The variable's value, or None when unset or blank."""
     if name not in ENV_VARS:
-        raise KeyError(f"{name} is not a known pagedgen variable; add it to engine.envs.ENV_VARS")
+        raise KeyError(f"{name} is not a known pagedgen variable; add it to common.envs.ENV_VARS")
     value = os.environ.get(name)
     if value is None or not value.strip():
         return None
@@ -73,8 +75,27 @@ def cache_dir() -> Path:
 
 
 def api_key() -> str | None:
-    """``PAGEDGEN_API_KEY``, or None when unset or blank."""
-    return _raw("PAGEDGEN_API_KEY")
+    """``PAGEDGEN_API_KEY``, else the content of ``PAGEDGEN_API_KEY_FILE``, else None.
+
+    The file (e.g. a Kubernetes Secret mounted read-only) is read at call
+    time, surrounding whitespace stripped. Setting both variables, an
+    unreadable file or an empty one raises ValueError: a key that was meant
+    to be there never silently turns authentication off.
+    """
+    key, path = _raw("PAGEDGEN_API_KEY"), _raw("PAGEDGEN_API_KEY_FILE")
+    if path is None:
+        return key
+    if key is not None:
+        raise ValueError("set PAGEDGEN_API_KEY or PAGEDGEN_API_KEY_FILE, not both")
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"PAGEDGEN_API_KEY_FILE: cannot read {path!r}: {e}") from None
+    if not text:
+        raise ValueError(f"PAGEDGEN_API_KEY_FILE: {path!r} is empty")
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise ValueError(f"PAGEDGEN_API_KEY_FILE: {path!r} must hold one key without spaces or line breaks")
+    return text
 
 
 def log_level() -> str:

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from engine import envs
-from engine.model_config import ModelConfig
-from engine.weights import gguf_reader
-from engine.weights.canonical import check_weights
-from engine.weights.safetensors_io import read_header, read_safetensors, write_safetensors
+from common import envs
+from model.config import ModelConfig
+from model.weights import gguf_reader
+from model.weights.canonical import check_weights
+from model.weights.safetensors_io import read_header, read_safetensors, write_safetensors
 
 logger = structlog.get_logger(__name__)
 

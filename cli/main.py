@@ -1,9 +1,13 @@
 """The ``pagedgen`` command: ``serve`` a model, ``generate`` from a running
-server, and ``bench`` when ``service.bench`` is installed.
+server, and ``bench`` when ``cli.bench`` is installed.
 
 Every subcommand's parser sets ``func``: a callable taking the parsed
 arguments and returning the exit code (``add_bench_parser(subparsers)`` in
-``service.bench`` follows the same contract).
+``cli.bench`` follows the same contract).
+
+Under ``torchrun`` every rank runs the same command line: rank 0 runs the
+command (its engine is the tensor-parallel driver), and every other rank
+becomes a worker of that engine (``_run_tp_worker``).
 """
 
 from __future__ import annotations
@@ -11,16 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import re
 import sys
 
+from backends.tp.launch import torchrun_rank
+from engine.args import EngineArgs, parse_bytes
 from service.logging import LOG_FORMATS
+from service.tools.parsers import TOOL_CALL_PARSERS
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 2**20      # = service.limits.DEFAULT_MAX_MESSAGE_BYTES (not imported: it loads grpc)
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -32,55 +34,21 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parse_bytes(text: str) -> int:
-    """ "2GiB", "512MiB", "1.5G" (binary), "500MB" (decimal) or plain bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GiB, 512MiB, 1000000)")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return value
-
-
 def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="load a model and serve the gRPC Generate API",
                        formatter_class=_HelpFormatter,
                        description="Serve pagedgen.v1.Generate (with health and reflection) until SIGTERM/SIGINT, "
                                    "then drain in-flight streams within --grace-period and exit 0.")
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=None,
-                   help="a .gguf file or a local Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "metal"), help="device backend")
-    g.add_argument("--dtype", default="float32", help="compute and KV cache dtype (float32, bfloat16, float16)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="running requests per step at most")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step at most")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    g.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
-                   help="memory for the KV cache, e.g. 2GiB, 512MiB or bytes (default: the engine's, 1GiB on CPU)")
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV block count (overrides --kv-cache-memory)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context limit per request (default: the model's)")
-    g.add_argument("--max-queue", type=int, default=1024,
-                   help="waiting requests at most; more get RESOURCE_EXHAUSTED")
-    g.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="prompt tokens per request at most; longer prompts get INVALID_ARGUMENT "
-                        "(default: the context, max-model-len - 1)")
-    g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
-    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="disable automatic prefix caching")
-    g.add_argument("--num-threads", type=int, default=None, help="CPU threads of the cpu backend (default: all cores)")
+    EngineArgs.add_cli_args(g)
     g.add_argument("--engine-mode", choices=("process", "thread"), default="process",
                    help="where the step loop runs: its own process (the model never waits for the GIL "
                         "the server's event loop holds), or a thread of the server process")
-    g.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="split the model over N ranks (worker processes over torch.distributed; threads shared)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="cuda: share of GPU memory the engine may use; the KV cache gets what the model leaves")
-    g.add_argument("--cuda-graph-mode", default="full", choices=("none", "piecewise", "full"),
-                   help="cuda: full graphs for decode steps, piecewise graphs around eager attention, or none")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     s.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (logged when ready)")
+    s.add_argument("--uds", default=None, metavar="PATH",
+                   help="also listen on the Unix socket unix:PATH (mode 0660: this user and group may connect)")
     s.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight streams get to finish on shutdown")
     s.add_argument("--tls-cert", default=None, help="server certificate chain (PEM file); enables TLS")
     s.add_argument("--tls-key", default=None, help="server private key (PEM file)")
@@ -97,6 +65,10 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING... (default: PAGEDGEN_LOG_LEVEL or INFO)")
     s.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port, logged when ready)")
+    s.add_argument("--tool-call-parser", choices=tuple(TOOL_CALL_PARSERS), default=None,
+                   help="the format tool calls are parsed from (hermes: <tool_call>{json}</tool_call>, Qwen and "
+                        "Hermes; llama3_json: Llama 3.x JSON calls); needed for tool_choice auto (the default "
+                        "with tools); required and named functions work without it")
     s.add_argument("--log-requests", action="store_true",
                    help="log prompt and completion text (debugging only; never on by default)")
     lim = p.add_argument_group("request limits (over a limit: INVALID_ARGUMENT; a larger message: RESOURCE_EXHAUSTED)")
@@ -111,19 +83,19 @@ def _add_serve_parser(sub) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from engine import envs
-    from engine.args import EngineArgs
+    from common import envs
     from service.limits import RequestLimits
     from service.logging import configure_logging
     from service.server import ServerOptions, serve
 
     configure_logging(args.log_format, args.log_level)
-    engine_args = EngineArgs(**{k: v for k, v in vars(args).items() if k in EngineArgs.field_names()})
+    engine_args = EngineArgs.from_cli_args(args)
     options = ServerOptions(host=args.host, port=args.port, tls_cert_file=args.tls_cert,
                             tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca,
                             api_key=args.api_key or envs.api_key(), max_message_bytes=args.max_message_bytes,
                             openai_port=args.openai_port, served_model_name=args.served_model_name,
-                            metrics_port=args.metrics_port,
+                            tool_call_parser=args.tool_call_parser,
+                            metrics_port=args.metrics_port, uds_path=args.uds,
                             log_requests=args.log_requests, limits=RequestLimits(
                                 max_n=args.max_n, max_tokens=args.max_output_tokens,
                                 max_stop_strings=args.max_stop_strings, max_stop_string_len=args.max_stop_string_len))
@@ -199,18 +171,46 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve_parser(sub)
     _add_generate_parser(sub)
-    if importlib.util.find_spec("service.bench") is not None:
-        from service.bench import add_bench_parser
+    from cli.health import add_health_parser
+
+    add_health_parser(sub)
+    if importlib.util.find_spec("cli.bench") is not None:
+        from cli.bench import add_bench_parser
 
         add_bench_parser(sub)
     return parser
+
+
+def _run_tp_worker(args: argparse.Namespace) -> int:
+    """A torchrun rank other than 0: a tensor-parallel worker of rank 0's engine, until it stops.
+
+    The rank parses the same command line as rank 0 and checks its engine
+    options, so a bad flag stops every rank alike; the model config, the
+    weight shard and every step come from rank 0 (``backends.tp.worker``).
+    """
+    from backends.tp.worker import run_torchrun_worker
+    from service.logging import configure_logging
+
+    rank, world_size = torchrun_rank()
+    given = vars(args)
+    if "tensor_parallel_size" not in given:
+        raise ValueError(f"under torchrun, rank {rank} is a tensor-parallel worker, so the command must build "
+                         f"an engine (serve, bench offline)")
+    engine_args = EngineArgs.from_cli_args(args)
+    if engine_args.tensor_parallel_size != world_size:
+        raise ValueError(f"under torchrun, --tensor-parallel-size must be the world size {world_size}, "
+                         f"got {engine_args.tensor_parallel_size}")
+    configure_logging(given.get("log_format", "console"), given.get("log_level"))
+    return run_torchrun_worker()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        launched = torchrun_rank()
+        run = _run_tp_worker if launched is not None and launched[0] != 0 else args.func
+        return run(args)
     except ValueError as e:          # bad option values (EngineArgs, ServerOptions, the model path)
         parser.error(str(e))
     except OSError as e:             # e.g. the port is taken

@@ -1,0 +1,1 @@
+"""The ``pagedgen`` command line: the top of the house, above ``service`` and ``bench``."""
