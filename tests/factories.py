@@ -220,7 +220,7 @@ def make_tiny_gguf(
     """
     import gguf
 
-    from engine.weights.safetensors_io import read_safetensors
+    from model.weights.safetensors_io import read_safetensors
 
     path = Path(tmp_path) / file_name
     writer = gguf.GGUFWriter(str(path), arch=arch)

@@ -18,8 +18,14 @@ Per layer, ``CPUAttention.forward``:
    SDPA over its new K/V when nothing is cached before it, otherwise a masked
    SDPA over its gathered context.
 
-Everything that does not depend on the layer (gather indices, masks, query
-ranges) is built once per step by ``build_attention_metadata``.
+A layer's ``LayerAttention`` sets its scale, sliding window and soft-cap. A
+windowed layer (a query at ``p`` sees keys ``p - window + 1 .. p``) gathers
+only the blocks its window reaches, with masks that also cut the keys before
+it; a soft-capped layer computes scores, ``cap * tanh(s / cap)``, mask and
+softmax explicitly (SDPA has no cap). Everything that does not depend on the
+layer (gather indices, masks, query ranges) is built once per step by
+``build_attention_metadata``; the variant of a window is built the first
+time a layer with that window asks (``CPUAttentionMetadata.windowed``).
 
 ``write_kv_cache_ref`` and ``paged_attention_ref`` are plain-loop references
 with the signatures future kernels must match.
@@ -30,10 +36,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backends.base import step_requests
+from backends.base import StepRequest, step_requests
+from model.config import LayerAttention
 
 
 # Decode requests are gathered in groups of about this many bytes of K
@@ -52,7 +60,7 @@ class DecodeGroup:
     """Decode requests (one new token each) attended together: one padded gather, one SDPA."""
 
     rows: torch.Tensor                # [n] int64: rows of their tokens in the flattened batch
-    block_ids: torch.Tensor           # [n * num_blocks] int64: block tables, padded with block 0
+    block_ids: torch.Tensor           # [n * num_blocks] int64: block tables (from the window's first block), padded
     num_blocks: int                   # blocks per request after padding
     mask: torch.Tensor                # [n, 1, 1, num_blocks * block_size] additive: 0 attend, -inf not
 
@@ -68,13 +76,14 @@ class NativeDecode:
 
 @dataclass
 class PrefillChunk:
-    """One request with several new tokens, attended on its own."""
+    """One request with several new tokens (or a piece of its rows), attended on its own."""
 
     query_start: int                  # first row of its tokens in the flattened batch
     query_end: int                    # one past its last row
-    context_len: int                  # cached + new tokens
-    block_ids: torch.Tensor | None    # [num_ctx_blocks] int64; None: no cached prefix (plain causal)
-    mask: torch.Tensor | None         # [q_len, context_len] additive (0 / -inf); None with block_ids None
+    context_len: int                  # keys up to its last row's position (cached + new)
+    block_ids: torch.Tensor | None    # [num_ctx_blocks] int64 from key_start's block; None: plain causal
+    mask: torch.Tensor | None         # [q_len, context_len - key_start] additive (0 / -inf); None with block_ids None
+    key_start: int = 0                # position of the first gathered key (a block boundary)
 
 
 @dataclass
@@ -86,6 +95,26 @@ class CPUAttentionMetadata:
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     native_decode: NativeDecode | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
+    requests: list[StepRequest] = field(default_factory=list)   # the step's requests, in token order
+    window: int | None = None                     # the sliding window these groups and chunks are for
+    max_gather_tokens: int = DEFAULT_MAX_GATHER_TOKENS
+    dtype: torch.dtype = torch.float32            # of the additive masks
+    _windowed: dict = field(default_factory=dict, repr=False)   # window -> this step's metadata for it
+
+    def windowed(self, window: int | None) -> "CPUAttentionMetadata":
+        """This step's metadata for layers with sliding ``window`` (itself for None), built on first use."""
+        if window == self.window:
+            return self
+        if window not in self._windowed:
+            self._windowed[window] = _build(self.requests, self.slot_mapping, self.block_size,
+                                            self.max_gather_tokens, self.dtype, self.native_decode is not None,
+                                            window, self.native_decode)
+        return self._windowed[window]
+
+    def token_context_lens(self) -> torch.Tensor:
+        """``[T]`` int64: each new token's request context length after this step."""
+        lens = np.repeat([r.context_len for r in self.requests], [r.query_len for r in self.requests])
+        return torch.from_numpy(lens.astype(np.int64))
 
 
 def build_attention_metadata(
@@ -98,6 +127,7 @@ def build_attention_metadata(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     native_decode: bool = False,
+    window: int | None = None,
 ) -> CPUAttentionMetadata:
     """Build the step's metadata from plain per-request lists (in token order).
 
@@ -105,22 +135,32 @@ def build_attention_metadata(
     Otherwise they are sorted by length and packed into groups whose padded
     gather stays under ``max_gather_tokens`` (a group holds at least one).
     Masks are additive in ``dtype`` (the query dtype), so SDPA need not
-    convert a boolean mask in every layer.
+    convert a boolean mask in every layer. ``window`` builds it for layers
+    with that sliding window (``windowed`` derives the others).
     """
     requests = list(step_requests(query_lens, num_computed_tokens, block_tables, slot_mapping, block_size))
-    meta = CPUAttentionMetadata(
-        slot_mapping=torch.as_tensor(slot_mapping, dtype=torch.int64, device=device), block_size=block_size
-    )
+    slots = torch.as_tensor(slot_mapping, dtype=torch.int64, device=device)
+    return _build(requests, slots, block_size, max_gather_tokens, dtype, native_decode, window)
+
+
+def _build(requests: list[StepRequest], slots: torch.Tensor, block_size: int, max_gather_tokens: int,
+           dtype: torch.dtype, native_decode: bool, window: int | None,
+           native: NativeDecode | None = None) -> CPUAttentionMetadata:
+    device = slots.device
+    meta = CPUAttentionMetadata(slot_mapping=slots, block_size=block_size, requests=requests, window=window,
+                                max_gather_tokens=max_gather_tokens, dtype=dtype)
     decodes = []                                    # (num_blocks, row, context_len, table)
     for r in requests:
         if r.query_len == 1:
             decodes.append((r.num_blocks, r.start, r.context_len, r.table))
-        elif r.num_computed == 0:
+        elif r.num_computed == 0 and (window is None or r.query_len <= window):
             meta.prefills.append(PrefillChunk(r.start, r.start + r.query_len, r.context_len, None, None))
         else:
-            meta.prefills += _prefix_chunks(r.start, r.query_len, r.num_computed, r.table, block_size, dtype, device)
+            meta.prefills += _prefix_chunks(r.start, r.query_len, r.num_computed, r.table, block_size, dtype,
+                                            device, window)
     if native_decode:
-        if decodes:
+        meta.native_decode = native
+        if decodes and native is None:
             max_blocks = max(d[0] for d in decodes)
             meta.native_decode = NativeDecode(
                 rows=torch.as_tensor([d[1] for d in decodes], dtype=torch.int64, device=device),
@@ -129,33 +169,48 @@ def build_attention_metadata(
                 context_lens=torch.as_tensor([d[2] for d in decodes], dtype=torch.int32, device=device),
             )
         return meta
-    decodes.sort(key=lambda d: d[0])
+    windowed = [(n - _first_block(ctx, window, block_size), row, ctx, t) for n, row, ctx, t in decodes]
+    windowed.sort(key=lambda d: d[0])
     group: list = []
-    for d in decodes:
+    for d in windowed:
         if group and (len(group) + 1) * d[0] * block_size > max_gather_tokens:
-            meta.decode_groups.append(_decode_group(group, block_size, dtype, device))
+            meta.decode_groups.append(_decode_group(group, block_size, dtype, device, window))
             group = []
         group.append(d)
     if group:
-        meta.decode_groups.append(_decode_group(group, block_size, dtype, device))
+        meta.decode_groups.append(_decode_group(group, block_size, dtype, device, window))
     return meta
 
 
+def _first_block(context_len: int, window: int | None, block_size: int) -> int:
+    """The first block a query at position ``context_len - 1`` reads under ``window``."""
+    return 0 if window is None else max(0, context_len - window) // block_size
+
+
 def _prefix_chunks(start: int, q_len: int, num_computed: int, table: Sequence[int], block_size: int,
-                   dtype: torch.dtype, device: torch.device | str) -> list[PrefillChunk]:
-    """A chunk after a cached prefix, in pieces of query rows with bounded masks."""
+                   dtype: torch.dtype, device: torch.device | str, window: int | None = None) -> list[PrefillChunk]:
+    """A chunk attending gathered keys, in pieces of query rows with bounded masks.
+
+    Under ``window`` a piece gathers only from the first block its first row's window reaches.
+    """
     context_len = num_computed + q_len
-    block_ids = torch.as_tensor(table[: -(-context_len // block_size)], dtype=torch.int64, device=device)
-    key_pos = torch.arange(context_len, device=device)                                    # [L]
-    rows = max(1, MAX_MASK_ELEMENTS // context_len)
+    span = context_len if window is None else min(context_len, window + q_len)
+    rows = max(1, MAX_MASK_ELEMENTS // span)
     pieces = []
     for a in range(0, q_len, rows):
         b = min(q_len, a + rows)
         piece_len = num_computed + b                          # keys the last row of the piece sees
-        query_pos = torch.arange(num_computed + a, piece_len, device=device)             # [r]
+        first_block = _first_block(num_computed + a + 1, window, block_size)
+        key_start = first_block * block_size
+        query_pos = torch.arange(num_computed + a, piece_len, device=device)[:, None]    # [r, 1]
+        key_pos = torch.arange(key_start, piece_len, device=device)[None, :]             # [1, L]
+        allowed = key_pos <= query_pos
+        if window is not None:
+            allowed &= key_pos > query_pos - window
         pieces.append(PrefillChunk(
-            start + a, start + b, piece_len, block_ids[: -(-piece_len // block_size)],
-            _additive(key_pos[None, :piece_len] <= query_pos[:, None], dtype),           # [r, piece_len]
+            start + a, start + b, piece_len,
+            torch.as_tensor(table[first_block: -(-piece_len // block_size)], dtype=torch.int64, device=device),
+            _additive(allowed, dtype), key_start,                                        # [r, L]
         ))
     return pieces
 
@@ -165,17 +220,49 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def _decode_group(decodes: list, block_size: int, dtype: torch.dtype, device: torch.device | str) -> DecodeGroup:
+def _decode_group(decodes: list, block_size: int, dtype: torch.dtype, device: torch.device | str,
+                  window: int | None = None) -> DecodeGroup:
+    """Decodes ``(num_blocks from the window's first block, row, context_len, table)`` gathered together."""
     num_blocks = max(d[0] for d in decodes)
-    padded = [list(table[:n]) + [0] * (num_blocks - n) for n, _, _, table in decodes]
-    lens = torch.as_tensor([d[2] for d in decodes], device=device)                      # [n]
-    key_pos = torch.arange(num_blocks * block_size, device=device)                       # [L]
+    firsts = [_first_block(ctx, window, block_size) for _, _, ctx, _ in decodes]
+    padded = [list(table[f: f + n]) + [0] * (num_blocks - n) for (n, _, _, table), f in zip(decodes, firsts)]
+    lens = torch.as_tensor([d[2] for d in decodes], device=device)[:, None]            # [n, 1]
+    key_pos = torch.as_tensor(firsts, device=device)[:, None] * block_size + \
+        torch.arange(num_blocks * block_size, device=device)[None, :]                    # [n, L]
+    allowed = key_pos < lens
+    if window is not None:
+        allowed &= key_pos >= lens - window
     return DecodeGroup(
         rows=torch.as_tensor([d[1] for d in decodes], dtype=torch.int64, device=device),
         block_ids=torch.as_tensor(padded, dtype=torch.int64, device=device).view(-1),
         num_blocks=num_blocks,
-        mask=_additive(key_pos[None, :] < lens[:, None], dtype)[:, None, None, :],       # [n, 1, 1, L]
+        mask=_additive(allowed, dtype)[:, None, None, :],                                # [n, 1, 1, L]
     )
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+           is_causal: bool = False, softcap: float | None = None) -> torch.Tensor:
+    """SDPA of ``q`` ``[B, H, Lq, D]`` over ``k``/``v`` ``[B, Hkv, Lk, D]`` (GQA when H > Hkv).
+
+    Without ``softcap`` this is ``F.scaled_dot_product_attention``; with it the
+    scores are capped explicitly in the order transformers uses (scale, cap,
+    mask, float32 softmax). ``mask`` is additive ``[..., Lq, Lk]``.
+    """
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    if q.shape[1] != k.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)                         # [B, H, Lk, D]
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)                         # [B, H, Lk, D]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale                                # [B, H, Lq, Lk]
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        lq, lk = scores.shape[-2:]
+        mask = _additive(torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq), scores.dtype)
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)              # [B, H, Lq, Lk]
+    return torch.matmul(probs, v)                                                        # [B, H, Lq, D]
 
 
 class CPUAttention:
@@ -221,26 +308,34 @@ class CPUAttention:
         return build_attention_metadata(query_lens, num_computed_tokens, block_tables, slot_mapping,
                                         block_size, self.max_gather_tokens, self.dtype, native_decode=native)
 
+    def token_context_lens(self, metadata: CPUAttentionMetadata) -> torch.Tensor:
+        """``[T]`` int64: each new token's request context length after this step."""
+        return metadata.token_context_lens()
+
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: CPUAttentionMetadata) -> torch.Tensor:
+                kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: CPUAttentionMetadata,
+                layer: LayerAttention | None = None) -> torch.Tensor:
         """Write K/V of the step, then attend; returns ``[T, H, D]``."""
         k_cache, v_cache = kv_cache
         h_kv, d = self.num_kv_heads, self.head_dim
         k_cache.view(-1, h_kv, d).index_copy_(0, metadata.slot_mapping, k)      # [S, Hkv, D]
         v_cache.view(-1, h_kv, d).index_copy_(0, metadata.slot_mapping, v)      # [S, Hkv, D]
+        layer = layer or LayerAttention(self.scale)
+        metadata = metadata.windowed(layer.window)
 
         out = q.new_empty(q.shape)                                              # [T, H, D]
         native = metadata.native_decode
         if native is not None:
-            decoded = self.decode_kernel(q.index_select(0, native.rows), k_cache, v_cache,
-                                         native.block_tables, native.context_lens, self.scale)  # [n, H, D]
+            decoded = self.decode_kernel(q.index_select(0, native.rows), k_cache, v_cache, native.block_tables,
+                                         native.context_lens, layer.scale, window=layer.window,
+                                         softcap=layer.softcap)                  # [n, H, D]
             out.index_copy_(0, native.rows, decoded)
         for group in metadata.decode_groups:
-            decoded = self._decode(q.index_select(0, group.rows), k_cache, v_cache, group)  # [n, H, D]
+            decoded = self._decode(q.index_select(0, group.rows), k_cache, v_cache, group, layer)  # [n, H, D]
             out.index_copy_(0, group.rows, decoded)
         for chunk in metadata.prefills:
             s, e = chunk.query_start, chunk.query_end
-            out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], k_cache, v_cache, chunk)    # [q, H, D]
+            out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], k_cache, v_cache, chunk, layer)  # [q, H, D]
         return out
 
     def _gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -258,31 +353,28 @@ class CPUAttention:
         return keys.view(flat), values.view(flat)                                        # [N, Hkv, D] each
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                group: DecodeGroup) -> torch.Tensor:
+                group: DecodeGroup, layer: LayerAttention) -> torch.Tensor:
         batch = q.shape[0]
         h_kv, d = self.num_kv_heads, self.head_dim
         keys, values = self._gather(k_cache, v_cache, group.block_ids)                   # [n * L, Hkv, D] each
         keys = keys.view(batch, -1, h_kv, d).transpose(1, 2)                             # [n, Hkv, L, D]
         values = values.view(batch, -1, h_kv, d).transpose(1, 2)                         # [n, Hkv, L, D]
         queries = q.view(batch, h_kv, self.num_heads // h_kv, d)                         # [n, Hkv, G, D]
-        out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=group.mask, scale=self.scale)               # [n, Hkv, G, D]
+        out = attend(queries, keys, values, layer.scale, group.mask, softcap=layer.softcap)  # [n, Hkv, G, D]
         return out.reshape(batch, self.num_heads, d)                                     # [n, H, D]
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+                 v_cache: torch.Tensor, chunk: PrefillChunk, layer: LayerAttention) -> torch.Tensor:
         queries = q.transpose(0, 1).unsqueeze(0)                                         # [1, H, q, D]
         if chunk.block_ids is None:
             keys = k.transpose(0, 1).unsqueeze(0)                                        # [1, Hkv, q, D]
             values = v.transpose(0, 1).unsqueeze(0)                                      # [1, Hkv, q, D]
-            out = F.scaled_dot_product_attention(
-                queries, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)  # [1, H, q, D]
+            out = attend(queries, keys, values, layer.scale, is_causal=True, softcap=layer.softcap)  # [1, H, q, D]
         else:
             keys, values = self._gather(k_cache, v_cache, chunk.block_ids)               # [nb * bs, Hkv, D] each
-            n = chunk.context_len
-            out = F.scaled_dot_product_attention(
-                queries, keys[:n].transpose(0, 1).unsqueeze(0), values[:n].transpose(0, 1).unsqueeze(0),
-                attn_mask=chunk.mask, scale=self.scale, enable_gqa=True)                  # [1, H, q, D]
+            n = chunk.context_len - chunk.key_start
+            out = attend(queries, keys[:n].transpose(0, 1).unsqueeze(0), values[:n].transpose(0, 1).unsqueeze(0),
+                         layer.scale, chunk.mask, softcap=layer.softcap)                 # [1, H, q, D]
         return out[0].transpose(0, 1)                                                    # [q, H, D]
 
 
@@ -303,14 +395,17 @@ def paged_attention_ref(
     context_lens: Sequence[int] | torch.Tensor,
     query_start_locs: Sequence[int] | torch.Tensor,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Reference paged attention with plain loops, computed in float32.
 
     ``q`` is ``[T, H, D]``; request ``r`` owns rows ``query_start_locs[r] ..
     query_start_locs[r+1]-1``, which are the LAST positions of its
     ``context_lens[r]`` tokens; a query at position ``p`` sees cached keys
-    ``0..p`` (read through ``block_tables[r]``). Returns ``[T, H, D]`` in
-    ``q.dtype``.
+    ``0..p`` (read through ``block_tables[r]``), or only ``p - window + 1 ..
+    p`` with a sliding ``window``; scores are ``softcap * tanh(s / softcap)``
+    with a ``softcap``. Returns ``[T, H, D]`` in ``q.dtype``.
     """
     block_size, h_kv = k_cache.shape[1], k_cache.shape[2]
     group = q.shape[1] // h_kv
@@ -323,9 +418,12 @@ def paged_attention_ref(
         for i in range(q_len):
             pos = context_len - q_len + i
             row = starts[r] + i
-            keys = torch.stack([k_cache[tables[r][p // block_size], p % block_size] for p in range(pos + 1)])  # [p+1, Hkv, D]
-            values = torch.stack([v_cache[tables[r][p // block_size], p % block_size] for p in range(pos + 1)])  # [p+1, Hkv, D]
+            seen = range(0 if window is None else max(0, pos - window + 1), pos + 1)
+            keys = torch.stack([k_cache[tables[r][p // block_size], p % block_size] for p in seen])    # [n, Hkv, D]
+            values = torch.stack([v_cache[tables[r][p // block_size], p % block_size] for p in seen])  # [n, Hkv, D]
             for h in range(q.shape[1]):
-                scores = keys[:, h // group].float() @ q[row, h].float() * scale         # [p+1]
+                scores = keys[:, h // group].float() @ q[row, h].float() * scale         # [n]
+                if softcap is not None:
+                    scores = torch.tanh(scores / softcap) * softcap
                 out[row, h] = torch.softmax(scores, dim=0) @ values[:, h // group].float()  # [D]
     return out.to(q.dtype)

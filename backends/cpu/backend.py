@@ -25,8 +25,8 @@ from backends.cpu.attention import CPUAttention
 from backends.sampler import Sampler
 from backends.torch_model.model import LlamaModel
 from backends.torch_model.weights import torch_dtype
-from engine.model_config import ModelConfig
-from backends.base import blocks_for_memory, kv_block_bytes, run_step
+from model.config import ModelConfig
+from backends.base import Backend, BackendOptions, LogitRows, blocks_for_memory, kv_block_bytes, run_step
 from scheduler.output import SchedulerOutput, StepResult
 
 
@@ -37,6 +37,8 @@ def available_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+# What dtype="auto" means on a CPU (and for the tensor-parallel ranks, which run this backend's model).
+DEFAULT_DTYPE = "float32"
 # Weights with more output rows than this (the LM head) are multiplied in row
 # blocks of this size, each transposed into the output while still in cache.
 LINEAR_ROW_BLOCK = 2048
@@ -46,6 +48,15 @@ BF16_UPCAST_MIN_ROWS = 4
 # contiguous [T, out] output makes the following residual adds, RoPE and
 # SwiGLU ~25% cheaper per prefill step than reading the transposed view.
 CONTIGUOUS_MIN_ROWS = 256
+
+
+def _take_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return logits[torch.as_tensor(rows, dtype=torch.int64, device=logits.device)]                  # [R, V]
+
+
+# How run_step reads a torch backend's all-token logits (prompt logprobs); the cuda backend uses it too.
+TORCH_LOGIT_ROWS = LogitRows(take=_take_rows,
+                             to_numpy=lambda logits, rows: _take_rows(logits, rows).float().cpu().numpy())
 
 
 def has_native_bf16() -> bool:
@@ -87,7 +98,7 @@ def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     return torch.addmm(bias[:, None], w, x.t()).t()                                    # [T, out]
 
 
-class CPUBackend:
+class CPUBackend(Backend):
     """``Backend`` on any CPU (see ``backends/base.py`` for the life cycle)."""
 
     name = "cpu"
@@ -144,7 +155,8 @@ class CPUBackend:
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Run one step: write new K/V, attend, sample where ``needs_sample``."""
-        return run_step(scheduler_output, self.sampler.drop, self.compute_logits, self.sampler.sample_rows)
+        return run_step(scheduler_output, self.sampler.drop, self.compute_logits, self.sampler.sample_rows,
+                        TORCH_LOGIT_ROWS)
 
     def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False) -> torch.Tensor:
         """Run the model over the step; float32 logits ``[N, V]`` of the requests that sample.
@@ -186,3 +198,9 @@ class CPUBackend:
         self.kv_caches = []
         self.model = None
         self.sampler.clear()
+
+
+def create(model_config: ModelConfig, weights: dict[str, np.ndarray], options: BackendOptions) -> CPUBackend:
+    """The registry's factory (``backends.registry``): ``dtype="auto"`` is ``DEFAULT_DTYPE``."""
+    return CPUBackend(model_config, weights, dtype=options.resolve_dtype(DEFAULT_DTYPE), seed=options.seed,
+                      num_threads=options.num_threads, eos_token_ids=options.eos_token_ids)

@@ -1,25 +1,31 @@
-"""The shared Llama model laid out for the GPU: static step buffers, fused ops, pieces.
+"""The shared decoder laid out for the GPU: static step buffers, fused ops, pieces.
 
 Same weights (``backends.torch_model.load_weights``), rotary frequencies and
-math as ``backends.torch_model.LlamaModel``; the differences are only in how
-the step runs, so CUDA graphs can capture it:
+math as ``backends.torch_model.LlamaModel``, for every family the
+``ModelConfig`` describes; the differences are only in how the step runs, so
+CUDA graphs can capture it:
 
 - every tensor that crosses a piece boundary lives in ``StepBuffers``,
   allocated once for the largest step (``max_num_batched_tokens``) and used
   through ``sized(T)`` views; GEMMs write into them with ``out=``;
 - the residual stream is carried separately and added inside the fused
-  RMSNorm kernel; rotary embedding rotates q and k inside the qkv buffer;
+  RMSNorm kernel; rotary embedding rotates q and k inside the qkv buffer (the
+  Triton kernel for plain kinds, per layer's inverse frequencies and rotary
+  dims; LongRoPE from cos/sin the step computes before the pieces, because
+  they depend on each request's context length);
 - the forward is cut at attention into ``num_layers + 1`` pieces::
 
-      piece 0:   embed -> norm -> qkv -> rope                   (writes qkv)
-      attend 0:  reshape_and_cache + paged_attention            (writes attn)
-      piece i:   o_proj -> add+norm -> MLP -> add+norm -> qkv -> rope of layer i
+      piece 0:   embed (* scale) -> norm -> qkv -> (q/k norm) -> rope          (writes qkv)
+      attend 0:  reshape_and_cache + paged_attention (the layer's window, scale, soft-cap)
+      piece i:   o_proj (-> norm) -> add+norm -> MLP or experts (-> norm) -> add+norm -> qkv -> rope of layer i
       ...
-      piece L:   o_proj -> add+norm -> MLP of the last layer    (writes hidden)
-      logits:    rows that sample -> add+norm -> lm_head        (float32)
+      piece L:   o_proj (-> norm) -> add+norm -> MLP of the last layer        (writes hidden)
+      logits:    rows that sample -> add+norm -> lm_head (-> soft-cap)       (float32)
 
   ``piecewise`` graphs capture the pieces and run attention eagerly;
-  ``full`` graphs capture all of it for decode batches.
+  ``full`` graphs capture all of it for decode batches. The experts run as
+  grouped Triton GEMMs with no host sync (``backends.cuda.kernels.moe``), so
+  MoE steps are capturable too.
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from backends.cuda.kernels.moe import fused_moe
 from backends.cuda.kernels.rms_norm import rms_norm
 from backends.cuda.kernels.rotary import rotary_embedding
-from backends.torch_model.rope import compute_inv_freq
-from backends.torch_model.weights import ModelWeights
-from engine.model_config import ModelConfig
+from backends.torch_model.model import ACTIVATIONS, rms_norm as torch_rms_norm, softcap
+from backends.torch_model.rope import rotary_cos_sin, rotary_for
+from backends.torch_model.weights import LayerWeights, ModelWeights
+from model.config import ModelConfig
 
 
 @dataclass
@@ -47,11 +55,15 @@ class StepBuffers:
     hidden: torch.Tensor          # [T, hidden]: the last MLP output (added to residual by the next norm)
     qkv: torch.Tensor             # [T, (H + 2*Hkv) * D]
     attn: torch.Tensor            # [T, H * D]: attention output
+    rope_cos: torch.Tensor        # [T, R/2] LongRoPE's cos of the step ([T, 0] without LongRoPE)
+    rope_sin: torch.Tensor        # [T, R/2] its sin
 
     @classmethod
     def allocate(cls, config: ModelConfig, max_tokens: int, dtype: torch.dtype,
                  device: torch.device | str) -> "StepBuffers":
         h, h_kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        longrope = rotary_for(config).long_inv_freq is not None
+        half = config.rotary_dim // 2 if longrope else 0
         return cls(
             input_ids=torch.zeros(max_tokens, dtype=torch.int64, device=device),
             positions=torch.zeros(max_tokens, dtype=torch.int64, device=device),
@@ -59,6 +71,8 @@ class StepBuffers:
             hidden=torch.zeros(max_tokens, config.hidden_size, dtype=dtype, device=device),
             qkv=torch.zeros(max_tokens, (h + 2 * h_kv) * d, dtype=dtype, device=device),
             attn=torch.zeros(max_tokens, h * d, dtype=dtype, device=device),
+            rope_cos=torch.zeros(max_tokens, half, dtype=dtype, device=device),
+            rope_sin=torch.zeros(max_tokens, half, dtype=dtype, device=device),
         )
 
     @property
@@ -74,7 +88,7 @@ class StepBuffers:
 
 def _mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
         out: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` (``w`` is ``[out, in]``), optionally into ``out``."""
+    """``F.linear`` (``w`` is ``[out, in]``), optionally into ``out``: every projection's one GEMM helper."""
     if out is None:
         return F.linear(x, w, bias)
     if bias is None:
@@ -83,7 +97,7 @@ def _mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
 
 
 class CUDAModel:
-    """A Llama-family decoder over ``StepBuffers`` (see the module docstring)."""
+    """The decoder over ``StepBuffers`` (see the module docstring)."""
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, attention: Any) -> None:
         self.config = config
@@ -96,7 +110,16 @@ class CUDAModel:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.eps = config.rms_norm_eps
-        self.inv_freq = compute_inv_freq(config).to(self.device)                    # [D/2] float32
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.rotaries = [rotary_for(config, i).to(self.device) for i in range(self.num_layers)]
+        self.longrope = self.rotaries[0].long_inv_freq is not None
+        if len({repr(config.layer_rope(i)) for i in range(self.num_layers)}) > 1 and any(
+                r.long_inv_freq is not None for r in self.rotaries):
+            raise ValueError("the cuda backend runs LongRoPE only when every layer shares it")
+        self.layer_attention = [config.layer_attention(i) for i in range(self.num_layers)]
+        # HF multiplies by the scale rounded to the weight dtype (sqrt(3072) is 55.5 in bfloat16)
+        self.embed_scale = None if config.embedding_scale is None else \
+            float(torch.tensor(config.embedding_scale, dtype=torch.float32).to(self.dtype))
 
     @property
     def num_pieces(self) -> int:
@@ -115,22 +138,70 @@ class CUDAModel:
         w = self.weights.layers[i]
         if i == 0:
             torch.index_select(self.weights.embed, 0, buf.input_ids, out=buf.residual)   # [T, hidden]
+            if self.embed_scale is not None:
+                buf.residual.mul_(self.embed_scale)
             h = rms_norm(buf.residual, w.input_norm, self.eps)                          # [T, hidden]
         else:
             h = rms_norm(buf.hidden, w.input_norm, self.eps, residual=buf.residual)     # [T, hidden]
         _mm(h, w.qkv, w.qkv_bias, out=buf.qkv)                                          # [T, (H + 2*Hkv) * D]
-        qk = buf.qkv[:, : (self.num_heads + self.num_kv_heads) * self.head_dim]
-        rotary_embedding(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim),
-                         buf.positions, self.inv_freq)
+        heads = self.num_heads + self.num_kv_heads
+        qk = buf.qkv[:, : heads * self.head_dim].view(-1, heads, self.head_dim)         # [T, H + Hkv, D]
+        if w.q_norm is not None:
+            qk[:, : self.num_heads] = torch_rms_norm(qk[:, : self.num_heads], w.q_norm, self.eps)
+            qk[:, self.num_heads:] = torch_rms_norm(qk[:, self.num_heads:], w.k_norm, self.eps)
+        rotary = self.rotaries[i]
+        rot = qk[:, :, : rotary.rotary_dim]                                             # [T, H + Hkv, R]
+        if not self.longrope:
+            rotary_embedding(rot, buf.positions, rotary.inv_freq)
+            return
+        half = rotary.rotary_dim // 2
+        cos, sin = buf.rope_cos[:, None, :], buf.rope_sin[:, None, :]                   # [T, 1, R/2] each
+        x1, x2 = rot[..., :half].clone(), rot[..., half:]                               # [T, H + Hkv, R/2] each
+        rot[..., :half] = x1 * cos - x2 * sin
+        rot[..., half:] = x2 * cos + x1 * sin
 
     def _post_attention(self, i: int, buf: StepBuffers) -> None:
         w = self.weights.layers[i]
         o = _mm(buf.attn, w.o_proj)                                                     # [T, hidden]
+        if w.attn_out_norm is not None:
+            o = rms_norm(o, w.attn_out_norm, self.eps)                                  # [T, hidden]
         h = rms_norm(o, w.post_norm, self.eps, residual=buf.residual)                   # [T, hidden]
-        gate, up = _mm(h, w.gate_up).chunk(2, dim=-1)                                   # [T, inter] each
-        _mm(F.silu(gate) * up, w.down, out=buf.hidden)                                  # [T, hidden]
+        if w.router is not None:
+            m = self._experts(h, w)                                                     # [T, hidden]
+        else:
+            gate, up = _mm(h, w.gate_up).chunk(2, dim=-1)                               # [T, inter] each
+            if w.mlp_out_norm is None:
+                _mm(self.act(gate) * up, w.down, out=buf.hidden)                        # [T, hidden]
+                return
+            m = _mm(self.act(gate) * up, w.down)                                        # [T, hidden]
+        if w.mlp_out_norm is not None:
+            rms_norm(m, w.mlp_out_norm, self.eps, out=buf.hidden)                       # [T, hidden]
+        else:
+            buf.hidden.copy_(m)
 
-    # -- attention and logits (eager in piecewise mode) -------------------------
+    def _experts(self, h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+        """The MoE MLP of one layer: routing in torch, experts as grouped Triton GEMMs."""
+        out = fused_moe(h, w.router, w.experts_gate_up, w.experts_down, self.config, self.act)  # [T, hidden]
+        if w.shared_gate_up is not None:
+            gate, up = _mm(h, w.shared_gate_up).chunk(2, dim=-1)                        # [T, S] each
+            shared = _mm(self.act(gate) * up, w.shared_down)                            # [T, hidden]
+            out = out + torch.sigmoid(_mm(h, w.shared_gate)) * shared                   # [T, hidden]
+        return out
+
+    # -- attention, rope and logits (eager in piecewise mode) -------------------
+
+    def prepare_rope(self, buf: StepBuffers, metadata: Any) -> None:
+        """LongRoPE's cos/sin of the step into ``buf`` (each token's factor set by its request's context)."""
+        if not self.longrope:
+            return
+        num_tokens = buf.positions.shape[0]
+        rows = torch.arange(num_tokens, device=self.device, dtype=metadata.query_start_locs.dtype)
+        request = torch.searchsorted(metadata.query_start_locs[1:], rows, right=True)     # [T]
+        request = request.clamp_max(metadata.context_lens.shape[0] - 1)                  # padding rows
+        context_lens = metadata.context_lens.long()[request]                              # [T]
+        cos, sin = rotary_cos_sin(self.rotaries[0], buf.positions, self.dtype, context_lens)  # [T, 1, R/2] each
+        buf.rope_cos.copy_(cos[:, 0])
+        buf.rope_sin.copy_(sin[:, 0])
 
     def attend(self, i: int, buf: StepBuffers, kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                metadata: Any) -> None:
@@ -139,14 +210,14 @@ class CUDAModel:
         num_tokens = buf.qkv.shape[0]
         qkv = buf.qkv.view(num_tokens, h + 2 * h_kv, d)
         self.attention.forward(i, qkv[:, :h], qkv[:, h: h + h_kv], qkv[:, h + h_kv:], kv_caches[i], metadata,
-                               out=buf.attn.view(num_tokens, h, d))
+                               out=buf.attn.view(num_tokens, h, d), layer=self.layer_attention[i])
 
     def compute_logits(self, buf: StepBuffers, logits_indices: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[N, vocab]`` of the rows ``logits_indices`` after the last piece."""
         hidden = buf.hidden.index_select(0, logits_indices)                             # [N, hidden]
         residual = buf.residual.index_select(0, logits_indices)                         # [N, hidden]
         h = rms_norm(hidden, self.weights.final_norm, self.eps, residual=residual)      # [N, hidden]
-        return _mm(h, self.weights.lm_head).float()                                     # [N, vocab]
+        return softcap(_mm(h, self.weights.lm_head), self.config.final_logit_softcap).float()  # [N, vocab]
 
     def forward(self, buf: StepBuffers, kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]], metadata: Any,
                 logits_indices: torch.Tensor,
@@ -157,6 +228,7 @@ class CUDAModel:
         piecewise mode); default: ``run_piece``.
         """
         run = piece_runner or self.run_piece
+        self.prepare_rope(buf, metadata)
         for i in range(self.num_layers):
             run(i, buf)
             self.attend(i, buf, kv_caches, metadata)

@@ -19,21 +19,30 @@ from itertools import chain
 import mlx.core as mx
 import numpy as np
 
-from backends.base import blocks_for_memory, kv_block_bytes, run_step
+from backends.base import Backend, BackendOptions, LogitRows, blocks_for_memory, kv_block_bytes, run_step
 from backends.metal.attention import KVCache, build_attention_metadata
 from backends.metal.model import MLXLlamaModel, mlx_dtype
 from backends.metal.sampler import MetalSampler
-from engine.model_config import ModelConfig
+from model.config import ModelConfig
 from scheduler.output import SchedulerOutput, StepResult
 
 
-class MetalBackend:
+def _take_rows(logits: mx.array, rows: list[int]) -> mx.array:
+    return logits[mx.array(np.asarray(rows, dtype=np.int32))]                                      # [R, V]
+
+
+# How run_step reads the all-token logits (prompt logprobs).
+MLX_LOGIT_ROWS = LogitRows(take=_take_rows,
+                           to_numpy=lambda logits, rows: np.array(_take_rows(logits, rows).astype(mx.float32)))
+
+
+class MetalBackend(Backend):
     """``Backend`` on MLX (see ``backends/base.py`` for the life cycle).
 
     ``dtype`` is the compute and KV cache dtype: ``float16`` / ``bfloat16`` on
-    Apple GPUs, ``float32`` where asked (and for parity tests). ``num_threads``
-    is accepted for the engine's common options and ignored: MLX sizes its own
-    CPU pool.
+    Apple GPUs, ``float32`` where asked (and for parity tests). The engine's
+    ``num_threads`` does not reach it (``create`` leaves it out): MLX sizes
+    its own CPU pool.
     """
 
     name = "metal"
@@ -44,11 +53,8 @@ class MetalBackend:
         weights: dict,
         dtype: str = "float32",
         seed: int = 0,
-        num_threads: int | None = None,
         eos_token_ids: tuple[int, ...] = (),
     ) -> None:
-        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
-            raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
         self._mx_dtype = mlx_dtype(dtype)
         self.dtype = dtype
         self.model_config = model_config
@@ -82,7 +88,8 @@ class MetalBackend:
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Run one step: write new K/V, attend, sample where ``needs_sample``."""
-        return run_step(scheduler_output, self.sampler.drop, self.compute_logits, self.sampler.sample)
+        return run_step(scheduler_output, self.sampler.drop, self.compute_logits, self.sampler.sample,
+                        MLX_LOGIT_ROWS)
 
     def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False) -> mx.array:
         """Run the model over the step; evaluated float32 logits ``[N, V]`` of the requests that sample.
@@ -130,3 +137,9 @@ class MetalBackend:
         self.kv_caches = []
         self.model = None
         self.sampler.clear()
+
+
+def create(model_config: ModelConfig, weights: dict, options: BackendOptions) -> MetalBackend:
+    """The registry's factory (``backends.registry``): ``dtype="auto"`` is float32 here for now."""
+    return MetalBackend(model_config, weights, dtype=options.resolve_dtype("float32"), seed=options.seed,
+                        eos_token_ids=options.eos_token_ids)

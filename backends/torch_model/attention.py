@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import torch
 
+from model.config import LayerAttention
+
 KVCache = tuple[torch.Tensor, torch.Tensor]   # (k_cache, v_cache) of one layer
 
 
@@ -33,12 +35,22 @@ class AttentionBackend(Protocol):
         v: torch.Tensor,
         kv_cache: KVCache,
         metadata: Any,
+        layer: LayerAttention | None = None,
     ) -> torch.Tensor:
         """Write ``k``/``v`` of all new tokens into ``kv_cache``, then attend.
 
         Called once per layer, in layer order, on the step thread.
         ``q`` is ``[T, num_heads, head_dim]``, ``k`` and ``v`` are
         ``[T, num_kv_heads, head_dim]`` (RoPE already applied to q and k);
-        ``metadata`` is whatever the device backend built for this step.
+        ``metadata`` is whatever the device backend built for this step;
+        ``layer`` is the layer's scale, sliding window and soft-cap (None:
+        the backend's scale, full attention, no cap).
         Returns the attention output ``[T, num_heads, head_dim]``.
+        """
+
+    def token_context_lens(self, metadata: Any) -> torch.Tensor:
+        """``[T]`` int64: for each new token, its request's context length after this step.
+
+        Called at most once per step, before the layers, by models whose
+        rotary embedding depends on it (longrope).
         """

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.model_config import ModelConfig
+from model.config import ModelConfig
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> shape for every tensor of ``config``'s model."""
-    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    """Canonical name -> shape for every tensor of ``config``'s model (see ``model.config``)."""
+    hidden, vocab = config.hidden_size, config.vocab_size
     q_dim = config.num_attention_heads * config.head_dim
     kv_dim = config.num_key_value_heads * config.head_dim
+    traits = config.traits
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (vocab, hidden),
         "model.norm.weight": (hidden,),
@@ -27,6 +28,9 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (hidden,)
         shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+        if traits.sandwich_norms:
+            shapes[p + "pre_feedforward_layernorm.weight"] = (hidden,)
+            shapes[p + "post_feedforward_layernorm.weight"] = (hidden,)
         shapes[p + "self_attn.q_proj.weight"] = (q_dim, hidden)
         shapes[p + "self_attn.k_proj.weight"] = (kv_dim, hidden)
         shapes[p + "self_attn.v_proj.weight"] = (kv_dim, hidden)
@@ -35,9 +39,34 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.q_proj.bias"] = (q_dim,)
             shapes[p + "self_attn.k_proj.bias"] = (kv_dim,)
             shapes[p + "self_attn.v_proj.bias"] = (kv_dim,)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        if traits.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (config.head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (config.head_dim,)
+        if config.is_moe_layer(i):
+            shapes.update(_moe_shapes(config, p + "mlp."))
+        else:
+            shapes.update(_mlp_shapes(p + "mlp.", hidden, config.intermediate_size))
+    return shapes
+
+
+def _mlp_shapes(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
+    """A gated MLP's three projections under ``prefix``."""
+    return {prefix + "gate_proj.weight": (inter, hidden), prefix + "up_proj.weight": (inter, hidden),
+            prefix + "down_proj.weight": (hidden, inter)}
+
+
+def _moe_shapes(config: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """Router, stacked experts and optional shared expert of one MoE layer under ``prefix``."""
+    hidden, experts, inter = config.hidden_size, config.num_experts, config.moe_intermediate_size
+    shapes = {
+        prefix + "gate.weight": (experts, hidden),
+        prefix + "experts.gate_proj.weight": (experts, inter, hidden),
+        prefix + "experts.up_proj.weight": (experts, inter, hidden),
+        prefix + "experts.down_proj.weight": (experts, hidden, inter),
+    }
+    if config.shared_expert_intermediate_size:
+        shapes.update(_mlp_shapes(prefix + "shared_expert.", hidden, config.shared_expert_intermediate_size))
+        shapes[prefix + "shared_expert_gate.weight"] = (1, hidden)
     return shapes
 
 

@@ -1,8 +1,19 @@
 """Read a local Hugging Face model directory (config.json + safetensors).
 
-Supported ``model_type``: llama (SmolLM too), mistral, qwen2. Both the
-transformers 4 spelling of rope settings (``rope_theta`` + ``rope_scaling``)
-and the transformers 5 one (``rope_parameters``) are understood.
+``model.weights.hf_config`` maps config.json to a ``ModelConfig`` (which
+families are served, and how); this module finds every canonical tensor in
+the safetensors files and reads it. Checkpoint tensors that are stored
+differently from the canonical layout are assembled here:
+
+- Phi-3's fused ``self_attn.qkv_proj`` and ``mlp.gate_up_proj`` are split by rows;
+- per-expert tensors (Qwen-MoE's ``mlp.experts.{e}.{gate,up,down}_proj``,
+  Mixtral's ``block_sparse_moe.experts.{e}.{w1,w3,w2}``) are stacked into
+  ``mlp.experts.*_proj.weight`` ``[experts, ...]``; transformers 5's fused
+  ``mlp.experts.gate_up_proj`` / ``down_proj`` are split.
+
+Names and shapes are checked against the config from the file headers alone,
+before any tensor is read: a missing tensor or a wrong shape is one error
+naming the directory or file.
 """
 
 from __future__ import annotations
@@ -14,13 +25,18 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
-from engine.weights.canonical import check_weights, expected_shapes
-from engine.weights.safetensors_io import read_header, read_safetensors
+from model.config import ModelConfig
+from model.weights import mlx_quant
+from model.weights.canonical import check_weights, expected_shapes
+from model.weights.hf_config import model_config_from_hf, rope_settings
+from model.weights.quant import check_quantized_weights
+from model.weights.safetensors_io import read_header, read_safetensors
 
 logger = structlog.get_logger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
+__all__ = ["HFCheckpoint", "model_config_from_hf", "read_config_json", "read_hf_dir", "rope_settings",
+           "safetensors_files"]
 
 
 @dataclass(frozen=True)
@@ -32,17 +48,127 @@ class HFCheckpoint:
     max_model_len: int
 
 
-def read_hf_dir(path: Path) -> HFCheckpoint:
-    """Read config and float32 weights of the model in directory ``path``."""
+@dataclass(frozen=True)
+class _Part:
+    """One checkpoint tensor (or a slice of it) that goes into a canonical tensor."""
+
+    file: Path                         # the safetensors file holding it
+    name: str                          # its name there
+    index: tuple                       # the slice of it taken (() for all of it)
+
+
+def read_hf_dir(path: Path, keep_quantized: bool = False) -> HFCheckpoint:
+    """Read config and float32 weights of the model in directory ``path``.
+
+    An MLX quantized checkpoint (``model.weights.mlx_quant``) is dequantised,
+    or with ``keep_quantized`` its quantized modules stay ``QuantizedTensor``.
+    """
     raw = read_config_json(path)
     files = safetensors_files(path)
-    has_lm_head = "lm_head.weight" in _tensor_names(files)
-    config, max_model_len = model_config_from_hf(raw, path, has_lm_head=has_lm_head)
-    wanted = set(expected_shapes(config))
-    weights: dict[str, np.ndarray] = {}
-    for file in files:
-        weights.update(read_safetensors(file, names=wanted))
+    located = _tensor_locations(files)
+    config, max_model_len = model_config_from_hf(raw, path, has_lm_head="lm_head.weight" in located)
+    quantization = mlx_quant.quantization_of(raw, path)
+    if quantization is not None:
+        weights = mlx_quant.read_mlx_weights(files, config, quantization, keep_quantized)
+        return HFCheckpoint(config, check_quantized_weights(config, weights, str(path)), max_model_len)
+    recipes = _plan(config, located, path)
+    wanted: dict[Path, set[str]] = {}
+    for parts, _ in recipes.values():
+        for part in parts:
+            wanted.setdefault(part.file, set()).add(part.name)
+    arrays: dict[tuple[Path, str], np.ndarray] = {}
+    for file, names in wanted.items():
+        arrays.update(((file, name), a) for name, a in read_safetensors(file, names=names).items())
+    weights = {}
+    for name, (parts, stacked) in recipes.items():
+        pieces = [arrays[(p.file, p.name)][p.index] for p in parts]
+        weights[name] = np.stack(pieces) if stacked else pieces[0]              # per-expert parts: [experts, ...]
     return HFCheckpoint(config, check_weights(config, weights, str(path)), max_model_len)
+
+
+def _tensor_locations(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Checkpoint tensor name -> (file, shape), from the headers."""
+    located: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in files:
+        for name, info in read_header(file)[0].items():
+            located[name] = (file, tuple(info["shape"]))
+    return located
+
+
+def _plan(config: ModelConfig, located: dict, path: Path) -> dict[str, tuple[list[_Part], bool]]:
+    """Every canonical tensor's checkpoint parts and whether they are stacked (one per expert).
+
+    ValueError on a missing tensor or a wrong shape.
+    """
+    recipes: dict[str, tuple[list[_Part], bool]] = {}
+    missing = []
+    for name, shape in expected_shapes(config).items():
+        found = _find(config, name, shape, located)
+        if found is None:
+            missing.append(name)
+            continue
+        for part, want in found:
+            have = located[part.name][1]
+            if have != want:
+                raise ValueError(f"{part.file}: tensor {part.name} has shape {have}, "
+                                 f"the config ({path}/config.json) implies {want}")
+        recipes[name] = ([part for part, _ in found], len(found[0][1]) < len(shape))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{path}: the safetensors files lack tensors the config implies: {shown}")
+    return recipes
+
+
+def _find(config: ModelConfig, name: str, shape: tuple[int, ...],
+          located: dict) -> list[tuple[_Part, tuple[int, ...]]] | None:
+    """Where canonical ``name`` comes from: ``[(part, the shape that checkpoint tensor must have)]``."""
+    def part(source: str, index: tuple = ()) -> _Part:
+        return _Part(located[source][0], source, index)
+
+    if name in located:
+        return [(part(name), shape)]
+    prefix, _, leaf = name.partition(".self_attn.")
+    if leaf in ("q_proj.weight", "k_proj.weight", "v_proj.weight"):          # Phi-3: fused qkv_proj
+        fused = f"{prefix}.self_attn.qkv_proj.weight"
+        if fused not in located:
+            return None
+        q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        start = {"q": 0, "k": q, "v": q + kv}[leaf[0]]
+        return [(part(fused, (slice(start, start + shape[0]),)), (q + 2 * kv, config.hidden_size))]
+    prefix, _, leaf = name.partition(".mlp.")
+    if leaf in ("gate_proj.weight", "up_proj.weight"):                       # Phi-3: fused gate_up_proj
+        fused = f"{prefix}.mlp.gate_up_proj.weight"
+        if fused not in located:
+            return None
+        rows = slice(0, shape[0]) if leaf.startswith("gate") else slice(shape[0], 2 * shape[0])
+        return [(part(fused, (rows,)), (2 * shape[0], config.hidden_size))]
+    if leaf == "gate.weight":                                                # Mixtral's router
+        source = f"{prefix}.block_sparse_moe.gate.weight"
+        return [(part(source), shape)] if source in located else None
+    if leaf.startswith("experts."):
+        return _find_experts(prefix, leaf.split(".")[1], shape, located, part)
+    return None
+
+
+_MIXTRAL_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def _find_experts(prefix: str, proj: str, shape: tuple[int, ...], located: dict, part):
+    """Stacked expert ``proj`` of one layer: per-expert tensors, or transformers 5's fused ones."""
+    experts = shape[0]
+    for template in (f"{prefix}.mlp.experts.{{e}}.{proj}.weight",
+                     f"{prefix}.block_sparse_moe.experts.{{e}}.{_MIXTRAL_EXPERT[proj]}.weight"):
+        names = [template.format(e=e) for e in range(experts)]
+        if all(n in located for n in names):
+            return [(part(n), shape[1:]) for n in names]
+    if proj == "down_proj" and f"{prefix}.mlp.experts.down_proj" in located:
+        return [(part(f"{prefix}.mlp.experts.down_proj"), shape)]
+    fused = f"{prefix}.mlp.experts.gate_up_proj"
+    if fused in located:
+        inter = shape[1]
+        rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+        return [(part(fused, (slice(None), rows)), (experts, 2 * inter, shape[2]))]
+    return None
 
 
 def read_config_json(path: Path) -> dict:
@@ -78,114 +204,3 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def _tensor_names(files: list[Path]) -> set[str]:
-    names: set[str] = set()
-    for file in files:
-        names.update(read_header(file)[0])
-    return names
-
-
-def model_config_from_hf(raw: dict, source: Path | str, has_lm_head: bool = True) -> tuple[ModelConfig, int]:
-    """Map a config.json dict to ``(ModelConfig, max_model_len)``.
-
-    ``has_lm_head`` decides tying when config.json does not say.
-    """
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"{source}: model_type {model_type!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (SmolLM is llama)"
-        )
-    if raw.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported; only silu is")
-    if raw.get("mlp_bias"):
-        raise ValueError(f"{source}: mlp_bias=true is not supported")
-
-    def need(key: str):
-        if raw.get(key) is None:
-            raise ValueError(f"{source}: config.json lacks {key!r}")
-        return raw[key]
-
-    hidden = int(need("hidden_size"))
-    heads = int(need("num_attention_heads"))
-    rope_theta, rope_scaling = rope_settings(raw)
-    tie = raw.get("tie_word_embeddings")
-    config = ModelConfig(
-        architecture=model_type,
-        vocab_size=int(need("vocab_size")),
-        hidden_size=hidden,
-        intermediate_size=int(need("intermediate_size")),
-        num_hidden_layers=int(need("num_hidden_layers")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-        head_dim=int(raw.get("head_dim") or hidden // heads),
-        max_position_embeddings=int(need("max_position_embeddings")),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        tie_word_embeddings=(not has_lm_head) if tie is None else bool(tie),
-        attention_bias=True if model_type == "qwen2" else bool(raw.get("attention_bias", False)),
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=_eos_ids(raw.get("eos_token_id"), _generation_eos(source)),
-    )
-    return config, _max_model_len(raw, config, source)
-
-
-def rope_settings(raw: dict) -> tuple[float, dict | None]:
-    """``(rope_theta, rope_scaling)`` from either config spelling.
-
-    ``rope_scaling`` comes back in the HF dict form with a ``rope_type`` key,
-    or None for plain RoPE.
-    """
-    params = raw.get("rope_parameters")
-    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
-        params = params.get("full_attention") or next(iter(params.values()))  # per layer type
-    if isinstance(params, dict) and params:
-        theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    else:
-        theta = raw.get("rope_theta", 10000.0)
-        scaling = dict(raw.get("rope_scaling") or {})
-    if "type" in scaling:  # the old spelling of rope_type
-        scaling.setdefault("rope_type", scaling["type"])
-        del scaling["type"]
-    if scaling.get("rope_type", "default") == "default":
-        return float(theta), None
-    return float(theta), scaling
-
-
-def _generation_eos(source: Path | str) -> object:
-    """eos_token_id of generation_config.json next to config.json, if any."""
-    file = Path(source) / "generation_config.json"
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
-    except (json.JSONDecodeError, AttributeError):
-        logger.warning("generation_config_unreadable", path=str(file))
-        return None
-
-
-def _eos_ids(*values: object) -> tuple[int, ...]:
-    """Flatten int / list / None eos values into unique ids, first seen first."""
-    ids: list[int] = []
-    for value in values:
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if item is not None and int(item) not in ids:
-                ids.append(int(item))
-    return tuple(ids)
-
-
-def _max_model_len(raw: dict, config: ModelConfig, source: Path | str) -> int:
-    """The longest sequence served: the position limit, capped by a sliding window.
-
-    pagedgen attends over the whole sequence, which equals sliding-window
-    attention only up to the window's length.
-    """
-    max_len = config.max_position_embeddings
-    window = raw.get("sliding_window")
-    uses_window = raw.get("use_sliding_window", config.architecture == "mistral")
-    if window and uses_window and int(window) < max_len:
-        logger.warning("max_model_len_capped_by_sliding_window", model=str(source), sliding_window=int(window))
-        max_len = int(window)
-    return max_len

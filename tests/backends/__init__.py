@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.model_config import ModelConfig
+from model.config import ModelConfig
 from engine.sampling_params import SamplingParams
 from scheduler.output import ScheduledRequest, SchedulerOutput
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from backends.cpu.backend import CPUBackend, cpu_linear
 from backends.torch_model.rope import compute_inv_freq
-from engine.model_config import ModelConfig
+from model.config import ModelConfig
 from engine.sampling_params import SamplingParams
 from scheduler.output import SchedulerOutput
 

@@ -18,7 +18,7 @@ from backends.metal.attention import (  # noqa: E402
 )
 from backends.metal.model import apply_rope as mlx_apply_rope, rope_inv_freq  # noqa: E402
 from backends.torch_model.rope import apply_rope, compute_inv_freq, rope_cos_sin  # noqa: E402
-from engine.model_config import ModelConfig  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
 
 NUM_BLOCKS, BLOCK_SIZE, H, HKV, D = 12, 4, 6, 2, 16
 

@@ -176,7 +176,7 @@ def test_bad_options_are_value_errors(tiny_path):
 def test_mlx_is_imported_only_when_the_metal_backend_is_selected():
     code = (
         "import importlib.util, platform, sys\n"
-        "from backends.base import resolve_backend_name\n"
+        "from backends.registry import resolve_backend_name\n"
         "import backends.cpu.backend, engine, engine.llm_engine, service.server\n"
         "auto = resolve_backend_name('auto')\n"
         "assert importlib.util.find_spec('backends.metal.backend') is not None\n"

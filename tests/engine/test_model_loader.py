@@ -17,11 +17,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engine import envs  # noqa: E402
+from common import envs  # noqa: E402
 from engine.model_loader import default_model_path, display_name, load_model  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
-from engine.weights import gguf_cache, gguf_reader  # noqa: E402
-from engine.weights.hf_reader import rope_settings  # noqa: E402
+from engine import gguf_cache  # noqa: E402
+from model.weights import gguf_reader  # noqa: E402
+from model.weights.hf_reader import rope_settings  # noqa: E402
 from tests import factories  # noqa: E402
 
 LLAMA3_SCALING = {

@@ -27,7 +27,7 @@ from pathlib import Path
 import structlog
 import torch
 
-from engine import envs
+from common import envs
 
 log = structlog.get_logger(__name__)
 
@@ -82,7 +82,7 @@ class DecodeAttentionKernel:
     def __init__(self, library: ctypes.CDLL) -> None:
         self._fn = library.pagedgen_decode_attention_f32
         self._fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _i32, _ptr, _i32, _i32, _i32, _i32, _i32,
-                             ctypes.c_float, _ptr, _i32]
+                             ctypes.c_float, _i32, ctypes.c_float, _ptr, _i32]
         self._fn.restype = ctypes.c_int
         limits = [_i32(), _i32(), _i32()]
         library.pagedgen_decode_attention_limits(*(ctypes.byref(x) for x in limits))
@@ -94,9 +94,13 @@ class DecodeAttentionKernel:
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                 out: torch.Tensor | None = None, num_threads: int | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, num_threads: int | None = None,
+                 window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         """``q`` ``[n, H, D]`` float32 -> ``[n, H, D]``; caches ``[NB, bs, Hkv, D]``;
-        ``block_tables`` ``[n, max_blocks]`` int32; ``context_lens`` ``[n]`` int32."""
+        ``block_tables`` ``[n, max_blocks]`` int32; ``context_lens`` ``[n]`` int32.
+
+        ``window``: each query sees only its last ``window`` positions;
+        ``softcap``: scores become ``softcap * tanh(s / softcap)``."""
         n, num_heads, head_dim = q.shape
         _, block_size, num_kv_heads, cache_dim = k_cache.shape
         for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -112,7 +116,8 @@ class DecodeAttentionKernel:
             out = torch.empty_like(q)
         status = self._fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
                           block_tables.shape[1], context_lens.data_ptr(), n, num_heads, num_kv_heads,
-                          head_dim, block_size, scale, out.data_ptr(), num_threads or torch.get_num_threads())
+                          head_dim, block_size, scale, window or 0, softcap or 0.0, out.data_ptr(),
+                          num_threads or torch.get_num_threads())
         if status != 0:
             raise ValueError(f"paged decode attention does not support heads={num_heads}, "
                              f"kv_heads={num_kv_heads}, head_dim={head_dim}, block_size={block_size}")

@@ -1,8 +1,11 @@
 /*
  * Paged decode attention for the cpu backend, float32.
  *
- * One query token per sequence attends to its whole context, read in place
- * from the paged cache through its block table (no gather copy). Work items
+ * One query token per sequence attends to its whole context (or, with a
+ * sliding window W > 0, to its last W positions only: the blocks before the
+ * window are never read), in place from the paged cache through its block
+ * table (no gather copy). A soft-cap C > 0 turns each scaled score s into
+ * C * tanh(s / C) before the softmax (Gemma 2). Work items
  * are (sequence, KV head) pairs; the G = num_heads / num_kv_heads query heads
  * of one KV head are processed together, so each cached K and V row is read
  * once (GQA). Softmax is online, block by block: per block, scores of all its
@@ -74,7 +77,8 @@ static inline void prefetch_block(const float *block, size_t bytes) {
  * unnormalised outputs; running_max / running_sum: [G]; scores: [G, bs rounded up to 8]. */
 static void attend_block(const float *q, const float *k_block, const float *v_block, int32_t n,
                          int32_t group, size_t token_stride, int32_t head_dim, int32_t padded_block,
-                         float scale, float *acc, float *running_max, float *running_sum, float *scores) {
+                         float scale, float softcap, float *acc, float *running_max, float *running_sum,
+                         float *scores) {
     {
         /* scores[g][t] = scale * q_g . k_t; each K row is read once for all G heads,
          * four independent partial sums hide the FMA latency */
@@ -91,7 +95,8 @@ static void attend_block(const float *q, const float *k_block, const float *v_bl
                     s3 += load8(qg + d + 24) * load8(k + d + 24);
                 }
                 for (; d < head_dim; d += 8) s0 += load8(qg + d) * load8(k + d);
-                scores[g * padded_block + t] = hsum8((s0 + s1) + (s2 + s3)) * scale;
+                const float score = hsum8((s0 + s1) + (s2 + s3)) * scale;
+                scores[g * padded_block + t] = softcap > 0.0f ? tanhf(score / softcap) * softcap : score;
             }
         }
         for (int32_t g = 0; g < group; g++) {
@@ -124,11 +129,12 @@ static void attend_block(const float *q, const float *k_block, const float *v_bl
 
 /* All heads of one sequence, block by block: a block's K and V rows (every KV
  * head) are contiguous, consumed while in cache, and the next block is
- * prefetched meanwhile. acc: [H, D]; scores: [G, bs rounded up to 8]. */
+ * prefetched meanwhile. With window > 0 only positions context_len - window
+ * .. context_len - 1 are read. acc: [H, D]; scores: [G, bs rounded up to 8]. */
 static void attend_sequence(const float *q, const float *k_cache, const float *v_cache, const int32_t *table,
                             int32_t context_len, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
-                            int32_t block_size, float scale, float *out, float *acc, float *scores,
-                            float *running_max, float *running_sum) {
+                            int32_t block_size, float scale, int32_t window, float softcap, float *out,
+                            float *acc, float *scores, float *running_max, float *running_sum) {
     const int32_t group = num_heads / num_kv_heads;
     const size_t token_stride = (size_t)num_kv_heads * head_dim;
     const size_t block_bytes = sizeof(float) * block_size * token_stride;
@@ -139,9 +145,11 @@ static void attend_sequence(const float *q, const float *k_cache, const float *v
     }
     memset(acc, 0, sizeof(float) * (size_t)num_heads * head_dim);
     const int32_t num_blocks = (context_len + block_size - 1) / block_size;
-    for (int32_t b = 0; b < num_blocks; b++) {
-        const int32_t n = (b == num_blocks - 1) ? context_len - b * block_size : block_size;
-        const size_t base = (size_t)table[b] * block_size * token_stride;
+    const int32_t first_pos = (window > 0 && context_len > window) ? context_len - window : 0;
+    for (int32_t b = first_pos / block_size; b < num_blocks; b++) {
+        const int32_t skip = (b == first_pos / block_size) ? first_pos - b * block_size : 0;  /* before the window */
+        const int32_t n = ((b == num_blocks - 1) ? context_len - b * block_size : block_size) - skip;
+        const size_t base = ((size_t)table[b] * block_size + skip) * token_stride;
         if (b + 1 < num_blocks) {
             const size_t next = (size_t)table[b + 1] * block_size * token_stride;
             prefetch_block(k_cache + next, block_bytes);
@@ -151,8 +159,8 @@ static void attend_sequence(const float *q, const float *k_cache, const float *v
             const int32_t h0 = kv_head * group;
             attend_block(q + (size_t)h0 * head_dim, k_cache + base + (size_t)kv_head * head_dim,
                          v_cache + base + (size_t)kv_head * head_dim, n, group, token_stride, head_dim,
-                         padded_block, scale, acc + (size_t)h0 * head_dim, running_max + h0, running_sum + h0,
-                         scores);
+                         padded_block, scale, softcap, acc + (size_t)h0 * head_dim, running_max + h0,
+                         running_sum + h0, scores);
         }
     }
     for (int32_t h = 0; h < num_heads; h++) {
@@ -161,11 +169,13 @@ static void attend_sequence(const float *q, const float *k_cache, const float *v
     }
 }
 
-/* Returns 0, or -1 when a shape is outside the limits (nothing written). */
+/* Returns 0, or -1 when a shape is outside the limits (nothing written).
+ * window <= 0: full attention; softcap <= 0: no cap. */
 int pagedgen_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
                                   const int32_t *block_tables, int32_t max_blocks, const int32_t *context_lens,
                                   int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
-                                  int32_t block_size, float scale, float *out, int32_t num_threads) {
+                                  int32_t block_size, float scale, int32_t window, float softcap, float *out,
+                                  int32_t num_threads) {
     if (num_kv_heads < 1 || num_heads % num_kv_heads != 0) return -1;
     const int32_t group = num_heads / num_kv_heads;
     if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || head_dim % 8 != 0 || block_size > MAX_BLOCK_SIZE)
@@ -182,8 +192,8 @@ int pagedgen_decode_attention_f32(const float *q, const float *k_cache, const fl
         for (int32_t seq = 0; seq < num_seqs; seq++) {
             const size_t row = (size_t)seq * num_heads * head_dim;
             attend_sequence(q + row, k_cache, v_cache, block_tables + (size_t)seq * max_blocks, context_lens[seq],
-                            num_heads, num_kv_heads, head_dim, block_size, scale, out + row, acc, scores,
-                            running_max, running_sum);
+                            num_heads, num_kv_heads, head_dim, block_size, scale, window, softcap, out + row,
+                            acc, scores, running_max, running_sum);
         }
         free(work);
     }
