@@ -6,6 +6,11 @@ below; every layer then runs two kernels: ``reshape_and_cache`` (all new
 K/V of the step written before anyone attends: a request may read blocks
 another request of the step has just written) and ``paged_attention``
 (prefill, chunked prefill and decode rows of the step in one launch).
+
+Each KV split count is a separately compiled kernel variant (and so is the
+prefill tile shape). ``warmup_metadata`` lists one step per variant a
+backend can launch, so that they are all compiled at start-up rather than
+on the first request whose context needs one.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 
 from backends.cuda.kernels.paged_attention import AttentionPlan, choose_num_splits, paged_attention, plan_attention
 from backends.cuda.kernels.reshape_and_cache import reshape_and_cache
+from model.config import LayerAttention
 
 DEFAULT_BLOCK_N = 64            # keys per tile on a GPU
 
@@ -74,6 +80,31 @@ class TritonAttention:
         self.block_n = block_n
         self.max_splits = max_splits
 
+    def split_counts(self, max_context_len: int) -> list[int]:
+        """Every KV split count a decode step can use, for contexts up to ``max_context_len``.
+
+        ``choose_num_splits`` is largest for a single request at the longest
+        context; every count below it occurs too (shorter contexts have fewer
+        key tiles, larger batches want fewer splits).
+        """
+        most = choose_num_splits(1, self.num_kv_heads, max_context_len, self.block_n, self.num_sms, self.max_splits)
+        return list(range(1, most + 1))
+
+    def warmup_metadata(self, max_context_len: int, block_size: int,
+                        device: torch.device | str) -> list[TritonAttentionMetadata]:
+        """One step's metadata per attention variant: a decode per split count, then a two-token prefill.
+
+        Each is a single request over block 0 whose context makes
+        ``build_metadata`` itself choose that split count; every slot is -1,
+        so running them writes nothing to the cache.
+        """
+        steps = []
+        for splits in self.split_counts(max_context_len):
+            context = min(max_context_len, splits * self.block_n)
+            steps.append(self.build_metadata([1], [context - 1], [[0] * -(-context // block_size)], [-1], device))
+        steps.append(self.build_metadata([2], [0], [[0]], [-1, -1], device))
+        return steps
+
     def build_metadata(self, query_lens: Sequence[int], num_computed_tokens: Sequence[int],
                        block_tables: Sequence[Sequence[int]], slot_mapping: Sequence[int],
                        device: torch.device | str) -> TritonAttentionMetadata:
@@ -94,9 +125,14 @@ class TritonAttention:
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: TritonAttentionMetadata,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-        """Write K/V of the step, then attend; returns ``[T, H, D]`` (``out`` when given)."""
+                out: torch.Tensor | None = None, layer: LayerAttention | None = None) -> torch.Tensor:
+        """Write K/V of the step, then attend; returns ``[T, H, D]`` (``out`` when given).
+
+        ``layer``: the layer's scale, sliding window and soft-cap (None: this instance's scale, full, no cap).
+        """
         k_cache, v_cache = kv_cache
         reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        layer = layer or LayerAttention(self.scale)
         return paged_attention(q, k_cache, v_cache, metadata.block_tables, metadata.context_lens,
-                               metadata.query_start_locs, self.scale, metadata.plan, out=out)
+                               metadata.query_start_locs, layer.scale, metadata.plan, out=out,
+                               window=layer.window, softcap=layer.softcap)

@@ -3,14 +3,18 @@
 Life (see ``backends/base.py``):
 
 1. construction loads the fused weights onto the device (bfloat16 by
-   default; float16 and float32 too), the step buffers and the sampler;
+   default, float16 where the GPU has no native bfloat16: ``default_dtype``;
+   float32 too), the step buffers and the sampler;
 2. ``profile_kv_cache_memory()`` (called by the engine when no explicit KV
    size is given) runs a worst-case step, captures the piecewise graphs or a
    trial full graph, and returns the bytes ``gpu_memory_utilization`` leaves
    for the KV cache (``backends.cuda.memory``);
 3. ``allocate_kv_cache`` allocates ``[num_blocks, block_size, Hkv, D]`` K and
-   V per layer and captures the graphs of ``cuda_graph_mode`` that are not
-   captured yet (full graphs read the cache, so they come after it);
+   V per layer, on a GPU sets the float32 matmul precision (``allow_tf32``)
+   and runs ``warm_up`` (every attention variant compiled: one per KV split
+   count, and the prefill tile), then captures the graphs of
+   ``cuda_graph_mode`` that are not captured yet (full graphs read the
+   cache, so they come after it);
 4. ``execute``: the dispatcher (``backends.cuda.graphs``) picks a full-graph
    replay, piecewise replays around eager attention, or an eager step; the
    sampler runs on the device and syncs once per step (``tolist``).
@@ -35,8 +39,9 @@ from backends.cuda.memory import kv_block_bytes, kv_cache_bytes, num_kv_blocks
 from backends.cuda.model import CUDAModel, StepBuffers
 from backends.sampler import Sampler
 from backends.torch_model.weights import ModelWeights, load_weights
-from engine.model_config import ModelConfig
-from backends.base import run_step
+from model.config import ModelConfig
+from backends.base import Backend, BackendOptions, run_step
+from backends.cpu.backend import TORCH_LOGIT_ROWS
 from scheduler.output import SchedulerOutput, StepResult
 
 log = structlog.get_logger(__name__)
@@ -57,17 +62,16 @@ def weights_to(weights: ModelWeights, device: torch.device) -> ModelWeights:
     return weights
 
 
-class CUDABackend:
+class CUDABackend(Backend):
     """``Backend`` on an NVIDIA (or ROCm) GPU."""
 
     name = "cuda"
 
     def __init__(self, model_config: ModelConfig, weights: dict[str, np.ndarray] | ModelWeights,
-                 dtype: str = "bfloat16", seed: int = 0, num_threads: int | None = None,
+                 dtype: str = "bfloat16", seed: int = 0,
                  eos_token_ids: tuple[int, ...] = (), gpu_memory_utilization: float = 0.9,
                  cuda_graph_mode: str = "full", max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, device: str = "cuda") -> None:
-        del num_threads                                   # a cpu backend option; the GPU needs no threads
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if cuda_graph_mode not in CUDA_GRAPH_MODES:
@@ -132,11 +136,12 @@ class CUDABackend:
             raise RuntimeError("memory profiling needs a CUDA device")
         from backends.cuda.profiling import profile_memory
 
+        self._set_matmul_precision()                      # before the piecewise graphs capture GEMMs
         profile = profile_memory(self, block_size)
         budget = kv_cache_bytes(profile, self.gpu_memory_utilization)
         log.info("cuda_memory_profiled", total_gib=round(profile.total / 2**30, 2),
                  peak_torch_gib=round(profile.peak_torch / 2**30, 2), non_torch_gib=round(profile.non_torch / 2**30, 2),
-                 graph_gib=round((profile.graph_pool + profile.graph_overhead * profile.num_graphs) / 2**30, 3),
+                 graph_gib=round(profile.graph_bytes / 2**30, 3),
                  kv_cache_gib=round(budget / 2**30, 2), gpu_memory_utilization=self.gpu_memory_utilization)
         return budget
 
@@ -152,7 +157,40 @@ class CUDABackend:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._static = None
+        if self.device.type == "cuda":
+            self._set_matmul_precision()
+            self.warm_up()
         self.capture()
+
+    # float32 GEMMs may run on TF32 tensor cores (10-bit mantissa); set False before
+    # profiling / allocating the cache for IEEE float32 (the parity tests do)
+    allow_tf32 = True
+
+    def _set_matmul_precision(self) -> None:
+        """Apply ``allow_tf32`` to torch's float32 matmuls (a process-wide torch setting)."""
+        matmul = torch.backends.cuda.matmul
+        if hasattr(matmul, "fp32_precision"):                       # torch >= 2.9
+            matmul.fp32_precision = "tf32" if self.allow_tf32 else "ieee"
+        else:
+            matmul.allow_tf32 = self.allow_tf32
+
+    def warm_up(self) -> None:
+        """Run one eager step per attention variant (a decode per KV split count, a prefill), writing nothing.
+
+        Each split count is its own compiled kernel: without this the first
+        request whose context needs one would wait for Triton to compile it
+        (the norms, rotary and cache-write kernels compile on the way). Every
+        slot is -1 (``warmup_metadata``), so the cache is left as it was.
+        """
+        if not self.kv_caches:
+            raise RuntimeError("warm_up needs the KV cache: call allocate_kv_cache first")
+        first_row = torch.zeros(1, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            for metadata in self.attention.warmup_metadata(self.max_model_len, self.block_size, self.device):
+                buf = self.buffers.sized(int(metadata.slot_mapping.shape[0]))
+                self.model.forward(buf, self.kv_caches, metadata, first_row)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # -- CUDA graphs ---------------------------------------------------------------
 
@@ -187,7 +225,8 @@ class CUDABackend:
 
         sync = (lambda: torch.cuda.synchronize(self.device)) if on_gpu else (lambda: None)
         with torch.inference_mode():                      # like the steps that replay them
-            stats = capture_graphs(sizes, capture_one, sync, used)
+            stats = capture_graphs(sizes, capture_one, sync, used,
+                                   release_cached=torch.cuda.empty_cache if on_gpu else None)
         if self.cuda_graph_mode == "piecewise":
             stats.num_graphs *= self.model.num_pieces
         return stats
@@ -246,7 +285,8 @@ class CUDABackend:
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Run one step: write new K/V, attend, sample where ``needs_sample``."""
-        return run_step(scheduler_output, self.sampler.drop, self.compute_logits, self.sampler.sample_rows)
+        return run_step(scheduler_output, self.sampler.drop, self.compute_logits, self.sampler.sample_rows,
+                        TORCH_LOGIT_ROWS)
 
     def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False) -> torch.Tensor:
         """Float32 logits ``[N, V]`` of the requests that sample (every token with ``all_tokens``).
@@ -321,3 +361,23 @@ class CUDABackend:
         self.sampler.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def default_dtype() -> str:
+    """What ``dtype="auto"`` means here: bfloat16 where the GPU computes it natively (Ampere on), else float16.
+
+    Without a GPU (the tests that run this backend on the CPU under
+    ``TRITON_INTERPRET=1``) it is float32, as on the cpu backend.
+    """
+    if not torch.cuda.is_available():
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+
+
+def create(model_config: ModelConfig, weights: dict[str, np.ndarray], options: BackendOptions) -> CUDABackend:
+    """The registry's factory (``backends.registry``): the GPU options, ``dtype="auto"`` as ``default_dtype()``."""
+    dtype = default_dtype() if options.dtype == "auto" else options.dtype
+    return CUDABackend(model_config, weights, dtype=dtype, seed=options.seed, eos_token_ids=options.eos_token_ids,
+                       gpu_memory_utilization=options.gpu_memory_utilization,
+                       cuda_graph_mode=options.cuda_graph_mode, max_num_seqs=options.max_num_seqs,
+                       max_num_batched_tokens=options.max_num_batched_tokens, max_model_len=options.max_model_len)

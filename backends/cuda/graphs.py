@@ -12,7 +12,13 @@ Modes (``cuda_graph_mode``):
   buffers; other steps run eagerly.
 
 All graphs of a backend share one memory pool and are captured largest
-first, so smaller graphs reuse the largest one's intermediate memory. The
+first, so smaller graphs reuse the largest one's intermediate memory; what a
+graph returns stays allocated in the pool for its lifetime (profiling counts
+it, ``backends.cuda.profiling``). Capture calls ``capture_begin`` /
+``capture_end`` directly: ``torch.cuda.graph`` would synchronise and empty
+the allocator's cache for each of the ~800 piecewise graphs of an 8B model;
+``capture_graphs`` collects garbage and releases cached memory once, before
+the first. The
 step's real rows are the first rows of the padded batch; padding rows
 compute garbage that nothing reads (their cache slot is -1, their context
 length 0).
@@ -26,6 +32,7 @@ tested without a GPU; only the capture itself needs one.
 from __future__ import annotations
 
 import bisect
+import gc
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -116,9 +123,18 @@ class CaptureStats:
 
 
 def capture_graphs(sizes: Sequence[int], capture_one: Callable[[int], None], synchronize: Callable[[], None],
-                   used_memory: Callable[[], int]) -> CaptureStats:
-    """Call ``capture_one(size)`` largest size first, timing each; returns the totals."""
+                   used_memory: Callable[[], int], release_cached: Callable[[], None] | None = None) -> CaptureStats:
+    """Call ``capture_one(size)`` largest size first, timing each; returns the totals.
+
+    Before the first capture, once: a garbage collection and
+    ``release_cached()`` (e.g. ``torch.cuda.empty_cache``), so the pool
+    starts from what is really free; never once per graph.
+    """
     stats = CaptureStats(per_size_seconds={})
+    synchronize()
+    gc.collect()
+    if release_cached is not None:
+        release_cached()
     before = used_memory()
     t_all = time.perf_counter()
     for size in sorted(sizes, reverse=True):
@@ -133,17 +149,27 @@ def capture_graphs(sizes: Sequence[int], capture_one: Callable[[int], None], syn
 
 
 class CapturedGraph:
-    """A CUDA graph of ``fn`` in ``pool``; ``replay()`` reruns it and returns its (static) output."""
+    """A CUDA graph of ``fn`` in ``pool``; ``replay()`` reruns it and returns its (static) output.
+
+    ``fn`` runs once eagerly on a side stream first (cuBLAS picks its
+    kernels, any Triton variant not compiled yet compiles), then is captured
+    on that stream, without the per-graph synchronisation, garbage collection
+    and cache release of ``torch.cuda.graph``.
+    """
 
     def __init__(self, fn: Callable[[], torch.Tensor | None], pool, device: torch.device) -> None:
-        stream = torch.cuda.Stream(device)                   # warm up: compile the Triton kernels first
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream(device).wait_stream(stream)
+        current = torch.cuda.current_stream(device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(current)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.output = fn()
+        with torch.cuda.stream(stream):
+            fn()                                                   # warm-up, outside the graph
+            self.graph.capture_begin(pool=pool)
+            try:
+                self.output = fn()
+            finally:
+                self.graph.capture_end()
+        current.wait_stream(stream)
 
     def replay(self) -> torch.Tensor | None:
         self.graph.replay()

@@ -9,7 +9,9 @@
 2. the CUDA graphs: piecewise graphs do not read the cache, so they are
    captured for good here and measured exactly; full graphs read the cache,
    so the largest one is captured over the dummy cache, measured (pool and
-   per-graph memory) and dropped, to be captured after the real cache.
+   per-graph memory) and dropped, to be captured after the real cache. Its
+   output (logits) gives the bytes per row that every other graph's output
+   will keep in the pool (``memory.graph_output_bytes``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from backends.cuda.memory import MemoryProfile
+from backends.cuda.memory import MemoryProfile, graph_output_bytes
 
 
 def _used(device: torch.device) -> int:
@@ -55,7 +57,7 @@ def profile_memory(backend, block_size: int) -> MemoryProfile:
     total = torch.cuda.mem_get_info(device)[1]
     non_torch = max(0, _used(device) - torch.cuda.memory_reserved(device))
 
-    graph_pool = graph_overhead = num_graphs = 0
+    graph_pool = graph_overhead = num_graphs = graph_outputs = 0
     if backend.cuda_graph_mode == "piecewise":
         reserved0, used0 = torch.cuda.memory_reserved(device), _used(device)
         backend.capture()
@@ -71,10 +73,14 @@ def profile_memory(backend, block_size: int) -> MemoryProfile:
         graph_pool = torch.cuda.memory_reserved(device) - reserved0
         graph_overhead = max(0, _used(device) - used0 - graph_pool)
         num_graphs = len(backend.full_sizes)
+        output = backend._full_graphs[largest].output                             # [B, V] float32 logits
+        graph_outputs = graph_output_bytes(backend.full_sizes, largest,
+                                           output.numel() * output.element_size() // largest)
+        del output
         backend.release_graphs()
         backend._static = None
         backend.block_size = 0
     del dummy, dummy_caches
     torch.cuda.empty_cache()
     return MemoryProfile(total=total, peak_torch=peak, non_torch=non_torch, graph_pool=graph_pool,
-                         graph_overhead=graph_overhead, num_graphs=num_graphs)
+                         graph_overhead=graph_overhead, num_graphs=num_graphs, graph_outputs=graph_outputs)

@@ -8,8 +8,15 @@ module                   what
                          the paged cache: prefill, chunked prefill and decode
                          in one kernel, GQA heads together, split-KV
 ``merge_splits``         combine the split-KV partial results (log-sum-exp)
+``moe``                  grouped expert GEMMs of a mixture of experts (no host sync)
 ``rms_norm``             RMSNorm, optionally fused with the residual add
 ``rotary``               rotary embedding of q and k in place
+``quant_matmul``         W4A16/W8A16 GEMM over group-quantized weights (the
+                         affine layout of ``model.weights.quant``)
+``launch``               ``KernelLaunch``: a launch prepared by ``*_launch``
+``variants``             every compiled form of the kernels above a model uses
+``aot``                  compile a variant for sm_90a without a GPU; registers
+                         and spills from ptxas (``scripts/kernel_report.py``)
 =======================  =====================================================
 
 Each module has the kernel, its launcher and a plain torch reference with the

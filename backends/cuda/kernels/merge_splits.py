@@ -13,8 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.cuda.kernels.launch import KernelLaunch
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["stride_ps", "stride_ls"])
 def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, qblock_request_ptr, qblock_start_ptr, query_start_locs_ptr,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh,
@@ -53,17 +55,24 @@ def merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tens
 
     Rows are those of ``plan``'s query blocks (``paged_attention.AttentionPlan``).
     """
-    num_splits, _, num_heads, head_dim = part_out.shape
     if plan.num_qblocks == 0:
         return out
-    _merge_splits_kernel[(plan.num_qblocks, num_heads)](
-        part_out, part_lse, out, plan.qblock_request_ids, plan.qblock_starts, query_start_locs,
-        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=plan.block_q,
-        NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-    )
+    merge_splits_launch(part_out, part_lse, out, query_start_locs, plan).run()
     return out
+
+
+def merge_splits_launch(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor,
+                        query_start_locs: torch.Tensor, plan) -> KernelLaunch:
+    """The merge kernel's launch: one program per (query block, query head)."""
+    num_splits, _, num_heads, head_dim = part_out.shape
+    return KernelLaunch(
+        _merge_splits_kernel, (plan.num_qblocks, num_heads),
+        (part_out, part_lse, out, plan.qblock_request_ids, plan.qblock_starts, query_start_locs,
+         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+         out.stride(0), out.stride(1)),
+        dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=plan.block_q,
+             NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4),
+    )
 
 
 def merge_splits_ref(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor,

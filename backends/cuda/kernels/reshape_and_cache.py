@@ -13,8 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.cuda.kernels.launch import KernelLaunch
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["num_tokens"])
 def _reshape_and_cache_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_tokens,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -49,15 +51,23 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v
         raise ValueError("the caches must have a contiguous last dim")
     if num_tokens == 0:
         return
+    reshape_and_cache_launch(k, v, k_cache, v_cache, slot_mapping).run()
+
+
+def reshape_and_cache_launch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             slot_mapping: torch.Tensor) -> KernelLaunch:
+    """The cache write's launch: ``BLOCK_T`` tokens (about 2048 elements of K) per program."""
+    num_tokens, num_kv_heads, head_dim = k.shape
     block_h, block_d = triton.next_power_of_2(num_kv_heads), triton.next_power_of_2(head_dim)
     block_t = max(1, min(16, 2048 // (block_h * block_d)))
-    _reshape_and_cache_kernel[(triton.cdiv(num_tokens, block_t),)](
-        k, v, k_cache, v_cache, slot_mapping, num_tokens,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+    return KernelLaunch(
+        _reshape_and_cache_kernel, (triton.cdiv(num_tokens, block_t),),
+        (k, v, k_cache, v_cache, slot_mapping, num_tokens,
+         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
+        dict(NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+             BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4),
     )
 
 

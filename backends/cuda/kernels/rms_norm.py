@@ -15,8 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.cuda.kernels.launch import KernelLaunch
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["num_tokens"])
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, eps, num_tokens,
     stride_x, stride_r, stride_o,
@@ -47,15 +49,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         out = torch.empty_like(x)
     if num_tokens == 0:
         return out
+    rms_norm_launch(x, weight, eps, residual, out).run()
+    return out
+
+
+def rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                    out: torch.Tensor) -> KernelLaunch:
+    """The norm's launch: ``BLOCK_T`` rows (about 2048 elements) per program, a warp per 512 of them."""
+    num_tokens, hidden = x.shape
     res = x if residual is None else residual
     block = triton.next_power_of_2(hidden)
     block_t = max(1, min(16, 2048 // block))
-    _rms_norm_kernel[(triton.cdiv(num_tokens, block_t),)](
-        x, res, weight, out, eps, num_tokens, x.stride(0), res.stride(0), out.stride(0),
-        HIDDEN=hidden, BLOCK=block, BLOCK_T=block_t, HAS_RESIDUAL=residual is not None,
-        num_warps=min(16, max(1, block * block_t // 512)),
+    return KernelLaunch(
+        _rms_norm_kernel, (triton.cdiv(num_tokens, block_t),),
+        (x, res, weight, out, eps, num_tokens, x.stride(0), res.stride(0), out.stride(0)),
+        dict(HIDDEN=hidden, BLOCK=block, BLOCK_T=block_t, HAS_RESIDUAL=residual is not None,
+             num_warps=min(16, max(1, block * block_t // 512))),
     )
-    return out
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,

@@ -17,8 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.cuda.kernels.launch import KernelLaunch
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["num_tokens"])
 def _rotary_kernel(
     qk_ptr, positions_ptr, inv_freq_ptr, num_tokens, stride_t, stride_h,
     NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -48,13 +50,21 @@ def rotary_embedding(qk: torch.Tensor, positions: torch.Tensor, inv_freq: torch.
     if qk.stride(2) != 1 or head_dim % 2:
         raise ValueError("qk must be [T, heads, D] with an even, contiguous last dim")
     if num_tokens:
-        block_h, block_half = triton.next_power_of_2(num_heads), triton.next_power_of_2(head_dim // 2)
-        block_t = max(1, min(16, 2048 // (block_h * block_half)))
-        _rotary_kernel[(triton.cdiv(num_tokens, block_t),)](
-            qk, positions, inv_freq, num_tokens, qk.stride(0), qk.stride(1),
-            NUM_HEADS=num_heads, HALF=head_dim // 2, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
-        )
+        rotary_launch(qk, positions, inv_freq).run()
     return qk
+
+
+def rotary_launch(qk: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> KernelLaunch:
+    """The rotation's launch: all heads of ``BLOCK_T`` tokens (about 2048 pairs) per program."""
+    num_tokens, num_heads, head_dim = qk.shape
+    block_h, block_half = triton.next_power_of_2(num_heads), triton.next_power_of_2(head_dim // 2)
+    block_t = max(1, min(16, 2048 // (block_h * block_half)))
+    return KernelLaunch(
+        _rotary_kernel, (triton.cdiv(num_tokens, block_t),),
+        (qk, positions, inv_freq, num_tokens, qk.stride(0), qk.stride(1)),
+        dict(NUM_HEADS=num_heads, HALF=head_dim // 2, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
+             num_warps=4),
+    )
 
 
 def rotary_embedding_ref(qk: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

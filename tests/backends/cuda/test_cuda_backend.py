@@ -13,8 +13,11 @@ pytest.importorskip("triton")
 
 from backends.cpu.backend import CPUBackend  # noqa: E402
 from backends.cuda.backend import CUDABackend  # noqa: E402
-from backends.cuda.graphs import GraphDispatcher, graph_batch_sizes, padded_size, piecewise_token_sizes  # noqa: E402
-from backends.cuda.memory import MemoryProfile, kv_block_bytes, kv_cache_bytes, num_kv_blocks  # noqa: E402
+from backends.cuda.attention import TritonAttention  # noqa: E402
+from backends.cuda.graphs import (GraphDispatcher, capture_graphs, graph_batch_sizes, padded_size,  # noqa: E402
+                                  piecewise_token_sizes)
+from backends.cuda.memory import (MemoryProfile, allocation_bytes, graph_output_bytes, kv_block_bytes,  # noqa: E402
+                                  kv_cache_bytes, num_kv_blocks)
 
 from tests.backends import PagedSequence, random_tokens, step, tiny_model  # noqa: E402
 from tests.backends.cuda.conftest import DEVICE, NATIVE  # noqa: E402
@@ -31,6 +34,8 @@ def llama():
 
 def make(backend_cls, config, weights, **options):
     backend = backend_cls(config, weights, **options)
+    if isinstance(backend, CUDABackend):
+        backend.allow_tf32 = False                      # IEEE float32: compared with the cpu backend at 1e-4
     backend.allocate_kv_cache(24, BS)
     return backend
 
@@ -38,6 +43,7 @@ def make(backend_cls, config, weights, **options):
 def cuda_backend(config, weights, **options):
     options = {"dtype": "float32", "cuda_graph_mode": "none", "device": DEVICE, "max_num_batched_tokens": 64,
                "max_num_seqs": 8, **options}
+    # float32 parity with the cpu backend: IEEE matmuls (a GPU would otherwise use TF32), see make()
     return make(CUDABackend, config, weights, **options)
 
 
@@ -113,10 +119,76 @@ def test_kv_sizing_arithmetic():
     assert kv_cache_bytes(profile, 0.2) == 0                                   # nothing left: 0, never negative
     with pytest.raises(ValueError):
         kv_cache_bytes(profile, 0.0)
+    with_outputs = MemoryProfile(total=100 * gib, peak_torch=20 * gib, non_torch=gib, graph_outputs=3 * gib)
+    assert kv_cache_bytes(with_outputs, 0.9) == 90 * gib - 24 * gib                # the graphs' outputs count too
+    with pytest.raises(ValueError):
+        MemoryProfile(total=1, peak_torch=-1, non_torch=0)
     # Llama-3.1-8B: 32 layers, 8 KV heads of 128, bfloat16, 16-token blocks: 2 MiB per block
     assert kv_block_bytes(32, 16, 8, 128, 2) == 2 << 20
     assert num_kv_blocks(10 * (2 << 20) + 1, 2 << 20) == 10
     assert num_kv_blocks(-5, 2 << 20) == 0
+
+
+def test_graph_outputs_of_every_captured_size_are_counted():
+    # full graphs of a 128k vocabulary: each keeps its [B, V] float32 logits in the pool
+    sizes, row = graph_batch_sizes(256), 128256 * 4
+    outputs = graph_output_bytes(sizes, 256, row)
+    assert outputs == sum(allocation_bytes(b * row) for b in sizes if b != 256)
+    assert 1.0e9 < outputs < 1.2e9                                              # about 1.1 GB besides the largest
+    assert allocation_bytes(1) == 512 and allocation_bytes(1 << 20) == 1 << 21 and allocation_bytes(3 << 20) == 4 << 20
+    assert graph_output_bytes([1, 2, 4], 4, 0) == 0
+
+
+def test_capture_collects_garbage_and_releases_cache_once_for_all_graphs(monkeypatch):
+    import backends.cuda.graphs as graphs
+
+    calls = {"gc": 0, "release": 0, "sync": 0}
+    monkeypatch.setattr(graphs.gc, "collect", lambda: calls.__setitem__("gc", calls["gc"] + 1))
+    captured = []
+    stats = capture_graphs([4, 1, 16, 8], captured.append, lambda: calls.__setitem__("sync", calls["sync"] + 1),
+                           lambda: 0, release_cached=lambda: calls.__setitem__("release", calls["release"] + 1))
+    assert captured == [16, 8, 4, 1]                                            # largest first
+    assert stats.num_graphs == 4 and sorted(stats.per_size_seconds) == [1, 4, 8, 16]
+    assert calls["gc"] == 1 and calls["release"] == 1                           # once, not per graph
+
+
+def test_warmup_plan_compiles_every_split_count_and_the_prefill_tile():
+    attention = TritonAttention(32, 8, 128, num_sms=132, block_n=64)
+    assert attention.split_counts(131072) == list(range(1, 17))
+    assert attention.split_counts(100) == [1, 2]                                # no more splits than key tiles
+    assert TritonAttention(32, 8, 128, num_sms=8).split_counts(131072) == [1, 2]  # 2 waves of 8 SMs
+    steps = attention.warmup_metadata(131072, 16, "cpu")
+    assert [m.plan.num_splits for m in steps] == list(range(1, 17)) + [1]       # build_metadata chose each itself
+    assert {m.plan.block_m for m in steps[:-1]} == {16} and steps[-1].plan.block_m == 64   # decode tiles, prefill
+    assert all((m.slot_mapping == -1).all() for m in steps)                     # nothing is written to the cache
+
+
+def test_warm_up_runs_every_attention_variant_and_writes_nothing(llama):
+    _, config, weights = llama
+    backend = cuda_backend(config, weights, max_model_len=256)
+    before = [k.clone() for k, _ in backend.kv_caches]
+    backend.kv_caches[0][0].normal_()
+    before[0] = backend.kv_caches[0][0].clone()
+    backend.warm_up()
+    assert all(torch.equal(k, b) for (k, _), b in zip(backend.kv_caches, before))
+    assert len(backend.attention.warmup_metadata(256, BS, DEVICE)) == len(backend.attention.split_counts(256)) + 1
+
+
+def test_tf32_is_allowed_for_float32_matmuls_unless_switched_off(llama):
+    _, config, weights = llama
+    backend = CUDABackend(config, weights, dtype="float32", device=DEVICE, cuda_graph_mode="none")
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision setting")
+    saved = matmul.fp32_precision
+    try:
+        backend._set_matmul_precision()
+        assert matmul.fp32_precision == "tf32"
+        backend.allow_tf32 = False
+        backend._set_matmul_precision()
+        assert matmul.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision = saved
 
 
 def test_graph_sizes_and_dispatch():
@@ -162,6 +234,34 @@ def test_graph_modes_equal_eager(llama, eager_run, mode):
         assert [(k.kind, k.size) for k in kinds] == [("eager", 57), ("eager", 22), ("full", 8)]
     else:
         assert [(k.kind, k.size) for k in kinds] == [("piecewise", 64), ("piecewise", 32), ("piecewise", 8)]
+
+
+@gpu
+@needs_cuda
+def test_no_kernel_compiles_after_start_up(llama):
+    """Warm-up and capture compile every variant; steps of new batch sizes and contexts compile none."""
+    from backends.cuda.kernels import merge_splits, paged_attention, reshape_and_cache, rms_norm, rotary
+
+    kernels = [paged_attention._paged_attention_kernel, merge_splits._merge_splits_kernel,
+               reshape_and_cache._reshape_and_cache_kernel, rms_norm._rms_norm_kernel, rotary._rotary_kernel]
+
+    def compiled() -> int:
+        return sum(len(entry[0]) for k in kernels for entry in k.device_caches.values())
+
+    _, config, weights = llama
+    backend = CUDABackend(config, weights, dtype="bfloat16", cuda_graph_mode="none", max_num_seqs=8,
+                          max_num_batched_tokens=64, max_model_len=256)
+    backend.allocate_kv_cache(24, BS)                                           # warms up
+    start = compiled()
+    prompt = PagedSequence("p", random_tokens(30, config.vocab_size, seed=1), [0, 1], BS)
+    backend.execute(step([prompt.chunk(30)], BS))
+    for batch, context in ((1, 200), (3, 40), (8, 17), (2, 129), (1, 1)):       # 1 to 4 KV splits
+        seqs = [PagedSequence(f"s{batch}-{i}", random_tokens(context, config.vocab_size, seed=i),
+                              list(range(-(-context // BS))), BS) for i in range(batch)]
+        for s in seqs:
+            s.num_computed_tokens = context - 1
+        backend.execute(step([s.chunk(1) for s in seqs], BS))
+    assert start > 0 and compiled() == start
 
 
 @gpu
