@@ -5,6 +5,11 @@ The default workload is the engine-core figure: 64 requests, prompts of
 Every request of a turn is added at once; its TTFT, ITL and latency are
 taken at the steps that produced its tokens (``bench.report`` figures).
 A multi-turn workload runs turn by turn, each turn resending the history.
+
+After the workload, the run's matmul FLOPs are set against a short GEMM
+calibration of this machine (``bench.ceiling``: the fraction of the ceiling
+reached; ``--no-ceiling`` skips it). ``--latency`` runs one request alone
+instead and breaks its decode step down (``bench.latency``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from bench import latency
+from bench.ceiling import MatmulFlops, calibrate_gemm, ceiling_report, format_ceiling, run_flops
 from bench.datasets import BenchRequest, Conversation, add_dataset_args, dataset_config, take
 from bench.launch import add_engine_args
 from bench.report import RequestRecord, format_table, plot, records_json, summarize, write_json
@@ -120,12 +127,8 @@ def tokenized(engine: LLMEngine, convs: list[Conversation]) -> list[Conversation
 
 
 def engine_args(args) -> EngineArgs:
-    """The engine options of a bench command line (``bench.launch.ENGINE_FLAGS``)."""
-    return EngineArgs(model=args.model, backend=args.backend, dtype=args.dtype,
-                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                      kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
-                      enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
-                      num_threads=args.num_threads, tensor_parallel_size=args.tensor_parallel_size)
+    """The engine options of a bench command line (``bench.launch.add_engine_args``; the dataset's ``--seed``)."""
+    return EngineArgs.from_cli_args(args)
 
 
 def prepare(engine: LLMEngine, cfg, convs: list[Conversation], *, warmup: bool) -> None:
@@ -156,9 +159,14 @@ def main(args) -> int:
 
 def _run(engine: LLMEngine, args, cfg, load_s: float) -> int:
     tok = engine.tokenizer
-    convs = tokenized(engine, take(cfg, args.num_requests, engine.model_config.vocab_size, tok.all_special_ids))
     report: dict = {"benchmark": "offline", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "config": {k: v for k, v in vars(args).items() if k != "func"}, "load_s": load_s}
+    if args.latency:
+        latency.main(engine, args, cfg, report)
+        if args.output:
+            write_json(args.output, report)
+        return 0
+    convs = tokenized(engine, take(cfg, args.num_requests, engine.model_config.vocab_size, tok.all_special_ids))
     prepare(engine, cfg, convs, warmup=args.warmup)
     result = run_workload(engine, convs)
     records = result.pop("records")
@@ -167,17 +175,20 @@ def _run(engine: LLMEngine, args, cfg, load_s: float) -> int:
     if args.save_requests:
         report["pagedgen"]["requests"] = records_json(records)
     print_row("pagedgen", result)
+    if args.ceiling:
+        report["ceiling"] = ceiling(engine, records, result["elapsed_s"], args.calibration_s)
+        print(format_ceiling(report["ceiling"]))
 
     baselines = {}
     if args.compare == "hf":
         import torch
 
-        from bench.hf_baseline import build_hf_model, run_hf
+        from bench.hf_baseline import hf_baseline_model, run_hf
         from engine.model_loader import load_model
 
         loaded = load_model(args.model)
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-        model = build_hf_model(loaded.config, loaded.weights, torch_dtype)
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[engine.dtype]
+        model = hf_baseline_model(loaded, torch_dtype)
         pad = tok.hf.pad_token_id if tok.hf.pad_token_id is not None else tok.eos_token_ids[0]
         report["hf"] = run_hf(model, [c.turns[0] for c in convs], args.hf_batch_size, pad)
         print_row("hf", report["hf"])
@@ -192,6 +203,17 @@ def _run(engine: LLMEngine, args, cfg, load_s: float) -> int:
     if args.plot:
         plot(args.plot, title, ["pagedgen"], [summary], [records], baselines)
     return 0
+
+
+def ceiling(engine: LLMEngine, records: list[RequestRecord], elapsed_s: float, seconds: float = 1.5) -> dict:
+    """The run's matmul FLOPs, this machine's GEMM rate at the model's prefill shapes, and the fraction reached."""
+    flops = run_flops(MatmulFlops.of(engine.model_config),
+                      [(r.prompt_tokens, r.cached_prompt_tokens, r.output_tokens) for r in records if r.ok])
+    device = "cuda" if engine.backend_name == "cuda" else "cpu"
+    dtype = engine.dtype if device == "cuda" else "float32"
+    gemm = calibrate_gemm(engine.model_config, rows=min(2048, engine.args.max_num_batched_tokens),
+                          seconds=seconds, dtype=dtype, device=device)
+    return ceiling_report(flops, gemm, elapsed_s)
 
 
 def print_row(name: str, r: dict) -> None:
@@ -212,6 +234,17 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group("engine")
     add_engine_args(g)
     g.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the tiny warm-up request")
+    m = p.add_argument_group("modes")
+    m.add_argument("--latency", action="store_true",
+                   help="one request alone (128 prompt + 128 output tokens unless --input-len/--output-len are "
+                        "given): TTFT, TPOT and where a decode step's time goes (matmul share, overhead)")
+    m.add_argument("--profile-ops", type=int, default=0, metavar="STEPS",
+                   help="with --latency: also profile this many decode steps with torch.profiler (cpu) and "
+                        "print the operators with the most self time")
+    m.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                   help="skip the matmul-FLOPs ceiling (a short GEMM calibration after the workload)")
+    m.add_argument("--calibration-s", type=float, default=1.5,
+                   help="seconds of the GEMM calibration at the model's prefill shapes")
     o = p.add_argument_group("baseline and report")
     o.add_argument("--compare", choices=("hf",), default=None, help="also run HF transformers generate()")
     o.add_argument("--hf-batch-size", type=int, default=16, help="static batch size of the HF baseline")

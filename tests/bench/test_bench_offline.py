@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from bench.datasets import DatasetConfig, take
-from service.cli import main
+from cli.main import main
 from tests.bench.test_bench_serve import check_level
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from bench.datasets import DatasetConfig, take
 from bench.report import LATENCIES
-from service.cli import main
+from cli.main import main
 
 STAT_ORDER = ("min", "median", "p90", "p99", "max")
 
