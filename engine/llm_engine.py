@@ -1,7 +1,9 @@
 """The synchronous engine: add requests, step, abort.
 
-``step()`` is the whole loop body: schedule → execute → update → detokenize
-and stop → emit. It runs on one thread (the caller's, or the async engine's
+``step()`` is the whole loop body: end the requests past their time limit →
+schedule → execute → update (the scheduler ends requests on EOS, stop ids and
+length) → detokenize and find stop strings → emit. Time limits live here, not
+in the async engine's loop, so that the offline API keeps them too. It runs on one thread (the caller's, or the async engine's
 loop thread); nothing here is thread-safe.
 """
 
@@ -13,18 +15,26 @@ from itertools import count
 
 import structlog
 
-from backends.base import Backend, create_backend, resolve_backend_name
+from backends.base import Backend, BackendOptions
+from backends.registry import create_backend, resolve_backend_name
 from engine.args import DEFAULT_KV_CACHE_MEMORY, EngineArgs
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
+from common.errors import DuplicateRequestError, EngineDeadError, InvalidRequestError, RequestFailedError
 from engine.model_loader import LoadedModel, load_model
-from engine.output_processor import CompletionState, OutputProcessor, RequestState, StopChecker
+from engine.output_processor import CompletionState, OutputProcessor, RequestState
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.structured_output import StructuredOutputs
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
 log = structlog.get_logger(__name__)
+
+
+# The output's finish_reason for a request the scheduler ended on its token ids.
+_FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length"}
+# The output's finish_reason for a request ended from outside the scheduler.
+_END_REASONS = {RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_TIME_LIMIT: "time_limit"}
 
 
 class StepFailedError(Exception):
@@ -45,6 +55,8 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_queries: int    # tokens
     prefix_cache_hits: int       # tokens
+    num_waiting_prompt_tokens: int = 0   # tokens the waiting sequences must prefill (recompute, if preempted)
+    num_running_tokens: int = 0          # tokens held by the running sequences (prompt plus output so far)
 
 
 class LLMEngine:
@@ -56,19 +68,18 @@ class LLMEngine:
         self.model_config = self.model.config
         self.max_model_len = min(args.max_model_len or self.model.max_model_len, self.model.max_model_len)
         self.backend_name = backend.name if backend else resolve_backend_name(args.backend)
-        device_options = {}
-        if self.backend_name == "cuda":
-            device_options = dict(gpu_memory_utilization=args.gpu_memory_utilization,
-                                  cuda_graph_mode=args.cuda_graph_mode, max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=self.max_model_len)
-        self.backend = backend or create_backend(
-            self.backend_name, self.model_config, self.model.weights, dtype=args.dtype, seed=args.seed,
-            num_threads=args.num_threads, eos_token_ids=tuple(self.tokenizer.eos_token_ids), **device_options,
+        options = BackendOptions(           # every backend's options; its factory picks those it uses
+            dtype=args.dtype, seed=args.seed, num_threads=args.num_threads,
+            eos_token_ids=tuple(self.tokenizer.eos_token_ids), max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=self.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization, cuda_graph_mode=args.cuda_graph_mode,
             tensor_parallel_size=args.tensor_parallel_size,
         )
+        self.backend = backend or create_backend(self.backend_name, self.model_config, self.model.weights, options)
+        self.dtype = self.backend.dtype              # what dtype="auto" resolved to (the backend's choice)
         self.model.weights = {}                      # the backend holds its own copy now
         kv_memory = args.kv_cache_memory
-        if kv_memory is None and args.num_kv_blocks is None and hasattr(self.backend, "profile_kv_cache_memory"):
+        if kv_memory is None and args.num_kv_blocks is None:
             kv_memory = self.backend.profile_kv_cache_memory(args.block_size)   # GPU: from gpu_memory_utilization
         num_blocks = args.num_kv_blocks or self.backend.num_blocks_for_memory(
             DEFAULT_KV_CACHE_MEMORY if kv_memory is None else kv_memory, args.block_size)
@@ -78,21 +89,26 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             num_kv_blocks=num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=self.max_model_len,
-            enable_prefix_caching=args.enable_prefix_caching,
+            enable_prefix_caching=args.enable_prefix_caching, eos_token_ids=frozenset(self.tokenizer.eos_token_ids),
+            policy=args.scheduling_policy,
         ))
-        self.output = OutputProcessor(StopChecker(
-            frozenset(self.tokenizer.eos_token_ids), self.scheduler.config.max_tokens_per_request))
+        self._time_limits: dict[str, float] = {}     # request id -> time.time() at which it ends with "time_limit"
+        self.output = OutputProcessor()
+        self.structured = StructuredOutputs(                                    # grammar matchers per sequence
+            self.tokenizer.hf, max(self.tokenizer.vocab_size, self.model_config.vocab_size),
+            tuple(self.tokenizer.eos_token_ids))
         self._seq_ids = count()
         self.num_steps = 0
-        log.info("engine_ready", model=self.model.name, backend=self.backend_name, dtype=args.dtype,
+        log.info("engine_ready", model=self.model.name, backend=self.backend_name, dtype=self.dtype,
                  num_kv_blocks=num_blocks, block_size=args.block_size, max_model_len=self.max_model_len,
                  load_s=round(time.perf_counter() - t0, 2))
 
     # -- requests ---------------------------------------------------------------
 
     def tokenize_input(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                       messages: list[dict] | None = None) -> list[int]:
-        """Prompt token ids from exactly one of text, token ids or chat messages."""
+                       messages: list[dict] | None = None, truncate_prompt_tokens: int | None = None) -> list[int]:
+        """Prompt token ids from exactly one of text, token ids or chat messages;
+        with ``truncate_prompt_tokens``, only the last that many of them."""
         given = [x is not None for x in (prompt, prompt_token_ids, messages)]
         if sum(given) != 1:
             raise InvalidRequestError("give exactly one of prompt, prompt_token_ids or messages")
@@ -104,6 +120,12 @@ class LLMEngine:
         if bad is not None:
             raise InvalidRequestError(f"prompt_token_ids contains {bad!r}, outside the vocabulary [0, {vocab})")
         limit = self.scheduler.config.max_tokens_per_request
+        if truncate_prompt_tokens is not None:
+            if truncate_prompt_tokens > limit - 1:
+                raise InvalidRequestError(
+                    f"truncate_prompt_tokens is {truncate_prompt_tokens}, but this engine allows at most "
+                    f"{limit - 1} prompt tokens (max_model_len={self.max_model_len}); ask for fewer")
+            ids = ids[-truncate_prompt_tokens:]
         if len(ids) >= limit:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens, but this engine allows at most {limit - 1} "
@@ -124,14 +146,23 @@ class LLMEngine:
         the caller tokenized it (``AsyncEngine`` does), reported back as the
         outputs' ``prompt``."""
         if request_id in self.output.states:
-            raise InvalidRequestError(f"request_id {request_id!r} is already in use")
+            raise DuplicateRequestError(f"request_id {request_id!r} is already in use by a request in flight; "
+                                        "pick another id or wait for that request to finish")
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params must be a SamplingParams")
         vocab = self.tokenizer.vocab_size
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}")
-        ids = self.tokenize_input(prompt, prompt_token_ids, messages)
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise InvalidRequestError(f"logit_bias token ids must be below the vocabulary size {vocab}, "
+                                      f"got {max(params.logit_bias)}")
+        if params.priority != 0 and self.scheduler.config.policy == "fcfs":
+            raise InvalidRequestError(f"priority is {params.priority}, but this server schedules first come first "
+                                      "served (--scheduling-policy fcfs); leave priority at 0 or start it with "
+                                      "--scheduling-policy priority")
+        grammar = self.structured.compile(params.structured_outputs) if params.structured_outputs else None
+        ids = self.tokenize_input(prompt, prompt_token_ids, messages, params.truncate_prompt_tokens)
         arrival = time.time() if arrival_time is None else arrival_time
         completions = []
         for i in range(params.n):
@@ -143,41 +174,67 @@ class LLMEngine:
                 logprobs=[] if child.logprobs is not None else None))
         state = RequestState(request_id, prompt if prompt is not None else prompt_text, ids, params, completions,
                              RequestMetrics(arrival))
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None]               # the first prompt token has no logprob
         for c in completions:
-            self.scheduler.add_request(Request(c.seq_id, ids, c.params, self.args.block_size,
-                                               arrival_time=arrival, cache_salt=cache_salt))
+            self.scheduler.add_request(Request(          # the first completion alone computes the prompt logprobs
+                c.seq_id, ids, c.params, self.args.block_size, arrival_time=arrival, cache_salt=cache_salt,
+                priority=params.priority, num_prompt_logprobs=params.prompt_logprobs if c.index == 0 else None))
+            if grammar is not None:
+                self.structured.add(c.seq_id, grammar)
         self.output.add(state)
+        time_limit_ms = params.time_limit_ms or self.args.default_time_limit_ms
+        if time_limit_ms is not None:
+            self._time_limits[request_id] = arrival + time_limit_ms / 1000
         return state
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """End a request now; returns its last (finished) output, or None if unknown."""
+        return self._end_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def _end_request(self, request_id: str, status: RequestStatus) -> RequestOutput | None:
+        """End a request from outside the scheduler (an abort, its time limit) with
+        what it has; its running completions get the finish reason of ``status``."""
         state = self.output.states.get(request_id)
         if state is None:
             return None
-        self.scheduler.finish_requests([c.seq_id for c in state.completions], RequestStatus.FINISHED_ABORTED)
-        self.output.abort(state)
+        self.scheduler.finish_requests([c.seq_id for c in state.completions], status)
+        self.output.abort(state, _END_REASONS[status])
         out = self.output.make_delta(state)
-        self.output.remove(state)
+        self._remove(state)
         return out
+
+    def _remove(self, state: RequestState) -> None:
+        self.output.remove(state)
+        self._time_limits.pop(state.request_id, None)
+
+    def expire_time_limits(self, now: float | None = None) -> list[RequestOutput]:
+        """End the requests past their time limit; their last outputs, finished with "time_limit"."""
+        if not self._time_limits:
+            return []
+        now = time.time() if now is None else now
+        expired = [rid for rid, end in self._time_limits.items() if end <= now]
+        return [out for rid in expired if (out := self._end_request(rid, RequestStatus.FINISHED_TIME_LIMIT))]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.output.states)
 
     def check_health(self) -> None:
         """Raise if the backend reports it cannot serve (e.g. a worker process
-        died); backends without ``check_health`` are always healthy."""
-        check = getattr(self.backend, "check_health", None)
-        if check is not None:
-            check()
+        died); ``Backend.check_health`` is always healthy unless a backend says otherwise."""
+        self.backend.check_health()
 
     # -- the loop body -----------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns a delta output for every request that changed."""
+        """Run one step; returns a delta output for every request that changed
+        (those that passed their time limit first)."""
+        expired = self.expire_time_limits()
         sched = self.scheduler.schedule()
         if sched.is_empty and not (sched.finished_request_ids or sched.preempted_request_ids):
-            return []
+            return expired
         scheduled_at = time.time()
+        self.structured.fill(sched)          # grammar bitmasks of the constrained rows (drops ended sequences)
         try:
             result = self.backend.execute(sched)
         except EngineDeadError:
@@ -192,22 +249,30 @@ class LLMEngine:
                 state.metrics.first_scheduled_time = scheduled_at
                 state.num_cached_tokens = max(0, self.scheduler.requests[sr.request_id].num_cached_tokens)
         changed: dict[str, RequestState] = {}
-        finished_seqs = []
-        for request in self.scheduler.update_from_output(sched, result):
+        for sr in sched.scheduled:
+            lps = result.prompt_logprobs.get(sr.request_id)
+            if lps is not None:
+                self.output.process_prompt_logprobs(sr.request_id, sr.num_computed_tokens + 1, lps)
+        stopped_by_string = []
+        for request in self.scheduler.update_from_output(sched, result):   # EOS, stop ids, length: already ended
+            reason = _FINISH_REASONS.get(request.status)
+            grammar_done = reason is None and self.structured.accept(request.request_id, request.output_token_ids[-1])
             state = self.output.process_token(request.request_id, request.output_token_ids[-1],
-                                              result.logprobs.get(request.request_id), now)
+                                              result.logprobs.get(request.request_id), now,
+                                              reason, request.stop_reason)
             changed[state.request_id] = state
             _, c = self.output.by_seq[request.request_id]
-            if c.finish_reason is not None:
-                finished_seqs.append((request.request_id, c.finish_reason))
-        for seq_id, reason in finished_seqs:
-            status = RequestStatus.FINISHED_LENGTH if reason == "length" else RequestStatus.FINISHED_STOPPED
-            self.scheduler.finish_requests([seq_id], status)
-        outputs = []
+            if grammar_done and c.finish_reason is None:   # the grammar is complete: ended below like a stop string
+                c.finish_reason = "stop"
+                c.detok.finish()
+            if c.finish_reason is not None and not request.is_finished:
+                stopped_by_string.append(request.request_id)
+        self.scheduler.finish_requests(stopped_by_string, RequestStatus.FINISHED_STOPPED)
+        outputs = expired
         for state in changed.values():
             out = self.output.make_delta(state, now)
             if out.finished:
-                self.output.remove(state)
+                self._remove(state)
             outputs.append(out)
         return outputs
 
@@ -218,7 +283,7 @@ class LLMEngine:
         for rid in parents:
             state = self.output.states[rid]
             self.scheduler.finish_requests([c.seq_id for c in state.completions], RequestStatus.FINISHED_ERROR)
-            self.output.remove(state)
+            self._remove(state)
         # Blocks written by the failed step may hold garbage: forget their hashes.
         self.scheduler.kv.reset_prefix_cache()
         self.scheduler.report_again(sched)
@@ -231,6 +296,8 @@ class LLMEngine:
             kv_blocks_total=kv.num_blocks, kv_blocks_free=kv.num_free_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
+            num_waiting_prompt_tokens=sum(r.num_tokens - r.num_computed_tokens for r in self.scheduler.waiting),
+            num_running_tokens=sum(r.num_tokens for r in self.scheduler.running),
         )
 
     def shutdown(self) -> None:

@@ -2,11 +2,69 @@
 
 from __future__ import annotations
 
+import json as _json
 import math
 from dataclasses import dataclass, field, replace
 
 # Largest number of top logprobs a request may ask for.
 MAX_LOGPROBS = 20
+# logit_bias values lie in [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT] (OpenAI's range).
+LOGIT_BIAS_LIMIT = 100.0
+# The constraint kinds of StructuredOutputsParams, in field order.
+CONSTRAINT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on a request's output (modelled on vLLM's): exactly one field is set.
+
+    Checked for shape here; whether the schema / regex / grammar compiles is
+    decided by the engine (``engine.structured_output``) at ``add_request``.
+    """
+
+    json: str | dict | None = None          # a JSON schema, as a dict or its JSON text (kept as text)
+    json_object: bool = False               # any JSON object
+    regex: str | None = None                # the output matches this regular expression
+    choice: tuple[str, ...] | None = None   # the output is exactly one of these strings
+    grammar: str | None = None              # an EBNF (GBNF) grammar, or a Lark grammar
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            object.__setattr__(self, "json", _json.dumps(self.json))   # key order kept: it orders the properties
+        if self.choice is not None and not isinstance(self.choice, str):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        set_fields = [k for k in CONSTRAINT_KINDS if getattr(self, k) not in (None, False)]
+        if len(set_fields) != 1:
+            raise ValueError(f"structured_outputs needs exactly one of {', '.join(CONSTRAINT_KINDS)}, "
+                             f"got {set_fields or 'none'}")
+        if self.json is not None:
+            if not isinstance(self.json, str):
+                raise ValueError("structured_outputs.json must be a JSON schema (a dict or its JSON text)")
+            try:
+                schema = _json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from e
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError("structured_outputs.json must be a JSON object (a schema)")
+        if self.json_object is not True and self.json_object is not False:
+            raise ValueError("structured_outputs.json_object must be a boolean")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        if self.choice is not None and (isinstance(self.choice, str) or not self.choice
+                                        or any(not isinstance(c, str) or not c for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: one of ``CONSTRAINT_KINDS``."""
+        return next(k for k in CONSTRAINT_KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def spec(self) -> str | tuple[str, ...] | bool:
+        """The set field's value (schema text, regex, choices, grammar; True for json_object)."""
+        return getattr(self, self.kind)
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
@@ -35,6 +93,14 @@ class SamplingParams:
     logprobs: int | None = None             # None: no logprobs; k: sampled + top k
     skip_special_tokens: bool = True        # when detokenizing
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = field(default=None, hash=False)  # token id -> added logit, [-100, 100]
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (a schema, regex, ...)
+    # Request-level options, here so that every path to the engine (offline, AsyncEngine, engine process)
+    # carries them; an n > 1 request's completions share them.
+    priority: int = 0                       # lower runs first; needs scheduling_policy "priority" unless 0
+    time_limit_ms: int | None = None        # end with finish_reason "time_limit" after this long; None: engine default
+    truncate_prompt_tokens: int | None = None   # keep only the last N prompt tokens (after the chat template)
+    prompt_logprobs: int | None = None      # logprob of every prompt token after the first, plus the top k
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -46,6 +112,12 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        if self.logit_bias is not None:     # OpenAI sends the ids as strings: accept "123" too
+            try:
+                bias = {int(k): v for k, v in dict(self.logit_bias).items()}
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"logit_bias keys must be token ids, got {self.logit_bias!r}") from e
+            object.__setattr__(self, "logit_bias", bias or None)
         self._validate()
 
     def _validate(self) -> None:
@@ -85,6 +157,26 @@ class SamplingParams:
             raise bad("stop_token_ids", "must hold non-negative token ids")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+        for token_id, value in (self.logit_bias or {}).items():
+            if token_id < 0:
+                raise ValueError(f"logit_bias token ids must be >= 0, got {token_id}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {token_id}")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise bad("priority", "must be an integer")
+        if self.time_limit_ms is not None and (isinstance(self.time_limit_ms, bool)
+                                               or not isinstance(self.time_limit_ms, int) or self.time_limit_ms < 1):
+            raise bad("time_limit_ms", "must be a positive integer (milliseconds)")
+        if self.truncate_prompt_tokens is not None and (isinstance(self.truncate_prompt_tokens, bool) or not
+                                                        isinstance(self.truncate_prompt_tokens, int)
+                                                        or self.truncate_prompt_tokens < 1):
+            raise bad("truncate_prompt_tokens", "must be a positive integer")
+        if self.prompt_logprobs is not None and not (isinstance(self.prompt_logprobs, int)
+                                                     and 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise bad("prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise bad("structured_outputs", "must be a StructuredOutputsParams")
 
     @property
     def is_greedy(self) -> bool:

@@ -56,18 +56,28 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return list(self.hf.convert_ids_to_tokens(list(ids)))
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The chat template applied to ``messages``, as text."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """The chat template applied to ``messages``, as text.
+
+        ``tools`` (OpenAI function tools, ``{"type": "function", "function":
+        {...}}``) are handed to the template as transformers does; a template
+        that does not use them renders as without. Assistant turns may carry
+        ``tool_calls`` (``function.arguments`` as a dict) and ``tool`` turns
+        a ``tool_call_id``, as transformers' templates expect.
+        """
         if not self.has_chat_template:
             raise ValueError(
                 "this model's tokenizer has no chat template; send a plain prompt instead of messages"
             )
         _check_messages(messages)
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.hf.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
         """Token ids of the rendered chat (the template carries its own special tokens)."""
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token_ids}, bos={self.bos_token_id})"
@@ -84,6 +94,12 @@ def _check_messages(messages: list[dict]) -> None:
             raise ValueError(f"messages[{i}] lacks a 'role' (a non-empty string such as 'user')")
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}] ({role}) lacks a 'content' string")
+        calls = message.get("tool_calls")
+        if calls is not None and (not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict) and c["function"].get("name")
+                for c in calls)):
+            raise ValueError(f"messages[{i}].tool_calls must be a list of "
+                             "{'type': 'function', 'function': {'name': ..., 'arguments': {...}}}")
 
 
 def load_hf_tokenizer(path: Path, auto_class: bool = True):

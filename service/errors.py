@@ -6,6 +6,7 @@ service chooses a status code for an engine error.
 ==============================================  ===================
 exception                                       status
 ==============================================  ===================
+DuplicateRequestError (request id in flight)    ALREADY_EXISTS
 InvalidRequestError, ValueError                 INVALID_ARGUMENT
 QueueFullError                                  RESOURCE_EXHAUSTED
 EngineShutdownError, ModelLoadingError         UNAVAILABLE
@@ -25,7 +26,8 @@ from contextlib import aclosing
 import grpc
 import structlog
 
-from engine.errors import EngineDeadError, EngineShutdownError, QueueFullError, RequestFailedError
+from common.errors import (DuplicateRequestError, EngineDeadError, EngineShutdownError, QueueFullError,
+                           RequestFailedError)
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +58,8 @@ class LoadingEngine:
 
 def status_of(exc: BaseException, request_id: str | None = None) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for ``exc``."""
+    if isinstance(exc, DuplicateRequestError):      # before ValueError: it is an InvalidRequestError too
+        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
     if isinstance(exc, ValueError):                 # InvalidRequestError is one too
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, QueueFullError):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from engine.errors import InvalidRequestError
+from common.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 2**20       # grpc's default; room for a 128k-token prompt
@@ -44,11 +44,15 @@ class RequestLimits:
     def enforce(self, params: SamplingParams, *, max_tokens_given: bool = True) -> SamplingParams:
         """``params``, or ``InvalidRequestError`` if they ask for more than allowed.
 
-        A request that left ``max_tokens`` unset gets at most ``self.max_tokens``
-        in place of the engine's default, rather than an error for a value it
-        never sent.
+        A request that left ``max_tokens`` unset (``None``: up to the context,
+        in gRPC and HTTP alike) gets at most ``self.max_tokens``, rather than
+        an error for a value it never sent.
         """
-        if not max_tokens_given and self.max_tokens is not None and (params.max_tokens or 0) > self.max_tokens:
+        if (not max_tokens_given and self.max_tokens is not None
+                and (params.max_tokens is None or params.max_tokens > self.max_tokens)):
+            if params.min_tokens > self.max_tokens:
+                raise _over("sampling.min_tokens", params.min_tokens, self.max_tokens, "--max-output-tokens",
+                            "lower min_tokens")
             params = replace(params, max_tokens=self.max_tokens)
         if params.n > self.max_n:
             raise _over("sampling.n", params.n, self.max_n, "--max-n", "ask for fewer completions")

@@ -1,7 +1,7 @@
 """structlog configuration for the server: JSON or console, to stderr.
 
 Stdout stays free for the CLI's own output. The level comes from the
-``--log-level`` flag, else ``PAGEDGEN_LOG_LEVEL`` (read by ``engine.envs``).
+``--log-level`` flag, else ``PAGEDGEN_LOG_LEVEL`` (read by ``common.envs``).
 Events are key-value; prompt text is never logged at info level.
 """
 
@@ -16,7 +16,7 @@ LOG_FORMATS = ("console", "json")
 
 
 def default_level() -> str:
-    from engine import envs
+    from common import envs
 
     return envs.log_level()
 

@@ -18,7 +18,8 @@ can live in one process (tests). Three sources feed it:
 
 Tokens and latencies come from the engine, so they cover every front end
 that shares it (the OpenAI HTTP API too); outcomes are counted where a status
-code is chosen, so another front end calls ``observe_outcome`` itself.
+code is chosen, so the HTTP API calls ``observe_outcome`` itself
+(``service.openai.observe``), under the gRPC code its HTTP status stands for.
 
 =================================================  =========  ======================================
 name                                               type       what
@@ -37,8 +38,8 @@ pagedgen_time_per_output_token_seconds             histogram  (finish - first to
 pagedgen_e2e_request_latency_seconds               histogram  arrival to finish
 pagedgen_request_queue_time_seconds                histogram  arrival to first scheduled
 pagedgen_stream_delivery_seconds                   histogram  engine step done to the delta's gRPC message sent
-pagedgen_request_success_total{finish_reason}      counter    requests served: stop, length, abort
-pagedgen_request_failure_total{code}               counter    requests failed, by gRPC status code
+pagedgen_request_success_total{finish_reason}      counter    requests served (gRPC and HTTP): stop, length, abort
+pagedgen_request_failure_total{code}               counter    requests failed, by gRPC status code (HTTP: its equivalent)
 =================================================  =========  ======================================
 """
 

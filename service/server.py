@@ -4,7 +4,8 @@
 the engine shuts it down); ``serve()`` is what ``pagedgen serve`` runs: load,
 serve, and on SIGTERM/SIGINT drain within the grace period and return 0.
 With ``ServerOptions.openai_port`` the same server also runs the
-OpenAI-compatible HTTP API (``service.openai``) on its loop and engine.
+OpenAI-compatible HTTP API (``service.openai``) on its loop and engine, and
+with ``ServerOptions.uds_path`` it listens on a Unix domain socket too.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from grpc_reflection.v1alpha import reflection
 
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
+from service import uds
 from service.auth import ApiKeyInterceptor
 from service.limits import DEFAULT_MAX_MESSAGE_BYTES, DecodeGuard, RequestLimits, exposure_warning
 from service.metrics import ServerMetrics
 from service.servicer import GenerateServicer
+from service.tools.parsers import TOOL_CALL_PARSERS
 
 log = structlog.get_logger(__name__)
 
@@ -48,9 +51,19 @@ class ServerOptions:
     log_requests: bool = False              # log prompt and completion text (debugging only)
     metrics_port: int | None = None         # serve Prometheus /metrics on host:metrics_port (0: a free port)
     openai_port: int | None = None          # also serve the OpenAI-compatible HTTP API here (0: a free port)
-    served_model_name: str | None = None    # the model's name in the HTTP API (default: the engine's)
+    served_model_name: str | None = None    # the model's name in the HTTP API and ModelInfo (default: the engine's)
+    uds_path: str | None = None             # also listen on unix:PATH (same TLS and API key as the port)
+    uds_mode: int = 0o660                   # the socket file's permissions: owner and group may connect
+    tool_call_parser: str | None = None     # how tool calls are found in output (service.tools.parsers), for "auto"
 
     def __post_init__(self) -> None:
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}")
+        if self.uds_path is not None:
+            uds.check_path(self.uds_path)
+        if not 0 <= self.uds_mode <= 0o777:
+            raise ValueError(f"uds_mode must be permission bits in [0, 0o777], got {self.uds_mode:#o}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -90,7 +103,10 @@ class PagedgenServer:
         self.options = options or ServerOptions()
         self.port: int | None = None
         self.health = health.aio.HealthServicer()
-        self._servicer = GenerateServicer(engine, limits=self.options.limits, log_requests=self.options.log_requests)
+        self._servicer = GenerateServicer(engine, limits=self.options.limits, log_requests=self.options.log_requests,
+                                          served_model_name=self.options.served_model_name,
+                                          max_message_bytes=self.options.max_message_bytes,
+                                          tool_call_parser=self.options.tool_call_parser)
         self.metrics = ServerMetrics() if self.options.metrics_port is not None else None
         self._servicer.metrics = self.metrics
         self.metrics_port: int | None = None    # the bound port of /metrics
@@ -99,6 +115,7 @@ class PagedgenServer:
         self._is_serving = False
         self._http = None                   # service.openai.app.OpenAIServer, with options.openai_port
         self.openai_port: int | None = None
+        self.uds_address: str | None = None     # "unix:/absolute/path" once bound, with options.uds_path
 
     @property
     def address(self) -> str:
@@ -122,6 +139,8 @@ class PagedgenServer:
             raise OSError(f"cannot bind {address}: {e}") from None
         if port == 0:
             raise OSError(f"cannot bind {address}")
+        if opts.uds_path is not None:
+            self.uds_address = uds.add_unix_port(server, opts.uds_path, opts.uds_mode, credentials)
         self.port, self._server = port, server
         await server.start()
         if self.metrics is not None:
@@ -144,7 +163,7 @@ class PagedgenServer:
     async def _start_http(self) -> None:
         from service.openai.app import OpenAIServer      # FastAPI loads only when asked for
 
-        http = OpenAIServer.from_options(self.engine, self.options)
+        http = OpenAIServer.from_options(self.engine, self.options, metrics=self.metrics)
         try:
             self.openai_port = await http.start()
         except BaseException:
@@ -245,9 +264,10 @@ async def serve(engine_args, options: ServerOptions, grace_period: float = 30.0,
     try:
         await server.attach(engine)
         info = engine.model_info
-        log.info("server_ready", address=server.address, model=info.model, backend=info.backend,
+        log.info("server_ready", address=server.address, model=info.model, architecture=info.architecture,
+                 max_model_len=info.max_model_len, backend=info.backend,
                  num_kv_blocks=info.num_kv_blocks, tls=options.tls_cert_file is not None,
-                 openai_port=server.openai_port, metrics_port=server.metrics_port,
+                 openai_port=server.openai_port, metrics_port=server.metrics_port, uds=server.uds_address,
                  startup_s=round(time.perf_counter() - t0, 2))
         await stop.wait()
         log.info("server_draining", grace_s=grace_period)

@@ -22,9 +22,12 @@ from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
 from service import convert
 from service.errors import LoadingEngine, map_errors
+from service.info import ServerInfo
 from service.metrics import observe_generate
-from service.limits import RequestLimits
+from service.limits import DEFAULT_MAX_MESSAGE_BYTES, RequestLimits
 from service.streaming import merge_deltas
+from service.tools.parsers import tool_call_stream
+from service.tools.specs import check_choice_servable, encode_chat
 
 log = structlog.get_logger(__name__)
 
@@ -34,10 +37,15 @@ class GenerateServicer(pb_grpc.GenerateServicer):
 
     metrics = None                              # a service.metrics.ServerMetrics with --metrics-port
 
-    def __init__(self, engine=None, *, limits: RequestLimits | None = None, log_requests: bool = False):
+    def __init__(self, engine=None, *, limits: RequestLimits | None = None, log_requests: bool = False,
+                 served_model_name: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 tool_call_parser: str | None = None):
         self._engine = engine
         self.limits = limits or RequestLimits()
         self.log_requests = log_requests        # prompt and completion text in the logs (debugging only)
+        self.served_model_name = served_model_name  # what ModelInfo reports, as the HTTP API does
+        self.max_message_bytes = max_message_bytes  # the server's gRPC message limit (reported only)
+        self.tool_call_parser = tool_call_parser    # how tool calls are found in output (tool_choice auto)
 
     engine = LoadingEngine()                    # raises ModelLoadingError (UNAVAILABLE) until attached
 
@@ -50,7 +58,15 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         inp.sampling_params = self.limits.enforce(inp.sampling_params,
                                                   max_tokens_given=request.sampling.HasField("max_tokens"))
         texts = _log_request_text(inp) if self.log_requests else None
-        stream = convert.ResponseStream(inp.request_id, inp.return_token_ids, inp.return_timing)
+        stream = convert.ResponseStream(inp.request_id, inp.return_token_ids, inp.return_timing,
+                                        frozenset(self.engine.model_info.eos_token_ids))
+        if inp.tools:
+            check_choice_servable(inp.tool_choice, self.tool_call_parser)
+            stream.new_tool_stream = functools.partial(tool_call_stream, inp.tool_choice.mode, inp.tool_choice.name,
+                                                       self.tool_call_parser)
+            inp.prompt_token_ids = await self.engine.run_tokenizer(encode_chat, self.engine.tokenizer,
+                                                                   inp.messages, inp.tools)
+            inp.messages = None
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.time() + remaining
         start, first_token_s, status = time.perf_counter(), None, "error"
@@ -104,11 +120,25 @@ class GenerateServicer(pb_grpc.GenerateServicer):
 
     @map_errors
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
-        return convert.model_info_to_pb(self.engine.model_info)
+        return convert.model_info_to_pb(self.engine.model_info, self.served_model_name)
 
     @map_errors
     async def GetStats(self, request: pb.GetStatsRequest, context) -> pb.GetStatsResponse:
         return convert.stats_to_pb(self.engine.get_stats())
+
+    @map_errors
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        """End the named requests that are in flight (any caller may: see the proto); others are ignored."""
+        aborted = self.engine.abort_in_flight(request.request_ids)
+        if aborted:
+            log.info("requests_aborted", request_ids=aborted, api="grpc")
+        return pb.AbortResponse(aborted_ids=aborted)
+
+    @map_errors
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.GetServerInfoResponse:
+        return convert.server_info_to_pb(ServerInfo.of(self.engine, limits=self.limits,
+                                                       max_message_bytes=self.max_message_bytes,
+                                                       served_model_name=self.served_model_name))
 
 
 def _log_request_text(inp: convert.GenerateInput) -> dict[int, str]:

@@ -33,4 +33,6 @@ def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
     last = outputs[-1]
     return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids, list(merged.values()),
                          last.finished, last.num_cached_tokens, last.metrics,
-                         emitted_time=outputs[0].emitted_time)     # the oldest delta's: it waited longest
+                         emitted_time=outputs[0].emitted_time,     # the oldest delta's: it waited longest
+                         prompt_logprobs=next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None),
+                                              None))

@@ -9,7 +9,7 @@ from ._channel import ChannelConfig, RetryPolicy
 from .aio import AsyncClient
 from .client import Client
 from .errors import PagedgenClientError
-from .types import GenerateChunk, ModelInfo, Stats, TokenLogprob, Usage
+from .types import GenerateChunk, ModelInfo, ServerInfo, ServerLimits, Stats, TokenLogprob, ToolCall, Usage
 
 __all__ = [
     "AsyncClient",
@@ -19,7 +19,10 @@ __all__ = [
     "ModelInfo",
     "PagedgenClientError",
     "RetryPolicy",
+    "ServerInfo",
+    "ServerLimits",
     "Stats",
     "TokenLogprob",
+    "ToolCall",
     "Usage",
 ]

@@ -13,7 +13,7 @@ from ._channel import DEFAULT_TARGET, ChannelConfig, Deadline, Metadata, Pem, Re
 from ._proto.pagedgen.v1 import generate_pb2 as pb
 from ._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
 from .errors import PagedgenClientError
-from .types import GenerateChunk, ModelInfo, Stats, collect_texts
+from .types import GenerateChunk, ModelInfo, ServerInfo, Stats, collect_texts
 
 
 class AsyncClient:
@@ -65,6 +65,8 @@ class AsyncClient:
         return_timing: bool = False,
         timeout: float | None = None,
         metadata: Metadata | None = None,
+        tools: Iterable[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         **sampling: Any,
     ) -> AsyncIterator[GenerateChunk]:
         """Streams the deltas of one request (see ``Client.generate``).
@@ -76,7 +78,7 @@ class AsyncClient:
         req = _request.generate_request(
             prompt, messages=messages, prompt_token_ids=prompt_token_ids, request_id=request_id,
             cache_salt=cache_salt, return_token_ids=return_token_ids, sampling=sampling,
-            return_timing=return_timing)
+            return_timing=return_timing, tools=tools, tool_choice=tool_choice)
         return self._stream(req, timeout, metadata)
 
     async def _stream(self, req: pb.GenerateRequest, timeout: float | None,
@@ -136,6 +138,18 @@ class AsyncClient:
 
     async def stats(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> Stats:
         return Stats.from_pb(await self._unary(self.stub.GetStats, pb.GetStatsRequest(), timeout, metadata))
+
+    async def abort(self, request_ids: str | Iterable[str], *, timeout: float | None = None,
+                    metadata: Metadata | None = None) -> list[str]:
+        """End in-flight requests by id (their streams finish with "abort"); the ids that were in flight."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        resp = await self._unary(self.stub.Abort, pb.AbortRequest(request_ids=ids), timeout, metadata)
+        return list(resp.aborted_ids)
+
+    async def server_info(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> ServerInfo:
+        """The server's version, engine sizing and request limits."""
+        return ServerInfo.from_pb(await self._unary(self.stub.GetServerInfo, pb.GetServerInfoRequest(), timeout,
+                                                    metadata))
 
     async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
         check = self._channel.unary_unary(

@@ -13,7 +13,7 @@ from ._channel import DEFAULT_TARGET, ChannelConfig, Deadline, Metadata, Pem, Re
 from ._proto.pagedgen.v1 import generate_pb2 as pb
 from ._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
 from .errors import PagedgenClientError
-from .types import GenerateChunk, ModelInfo, Stats, collect_texts
+from .types import GenerateChunk, ModelInfo, ServerInfo, Stats, collect_texts
 
 T = TypeVar("T")
 
@@ -73,6 +73,8 @@ class Client:
         return_timing: bool = False,
         timeout: float | None = None,
         metadata: Metadata | None = None,
+        tools: Iterable[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         **sampling: Any,
     ) -> Iterator[GenerateChunk]:
         """Streams the deltas of one request as ``GenerateChunk``s.
@@ -85,12 +87,17 @@ class Client:
         the iterator early cancels the request on the server.
         ``return_timing`` stamps each chunk with ``engine_time``, when the
         server's engine produced it (to measure what the service and the
-        network add).
+        network add). ``tools`` (OpenAI function tools) and ``tool_choice``
+        ("none", "auto", "required" or ``{"name": ...}``) need ``messages``;
+        the calls come back in ``GenerateChunk.tool_calls``. ``priority``,
+        ``time_limit_ms`` and ``truncate_prompt_tokens`` keyword arguments set
+        the request's fields of those names; ``prompt_logprobs=k`` returns
+        the prompt's logprobs in one chunk's ``prompt_logprobs``.
         """
         req = _request.generate_request(
             prompt, messages=messages, prompt_token_ids=prompt_token_ids, request_id=request_id,
             cache_salt=cache_salt, return_token_ids=return_token_ids, sampling=sampling,
-            return_timing=return_timing)
+            return_timing=return_timing, tools=tools, tool_choice=tool_choice)
         return self._stream(req, timeout, metadata)
 
     def _stream(self, req: pb.GenerateRequest, timeout: float | None,
@@ -151,6 +158,17 @@ class Client:
 
     def stats(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> Stats:
         return Stats.from_pb(self._unary(self.stub.GetStats, pb.GetStatsRequest(), timeout, metadata))
+
+    def abort(self, request_ids: str | Iterable[str], *, timeout: float | None = None,
+              metadata: Metadata | None = None) -> list[str]:
+        """End in-flight requests by id (their streams finish with "abort"); the ids that were in flight."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        resp = self._unary(self.stub.Abort, pb.AbortRequest(request_ids=ids), timeout, metadata)
+        return list(resp.aborted_ids)
+
+    def server_info(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> ServerInfo:
+        """The server's version, engine sizing and request limits (``ServerInfo``)."""
+        return ServerInfo.from_pb(self._unary(self.stub.GetServerInfo, pb.GetServerInfoRequest(), timeout, metadata))
 
     # -- health ---------------------------------------------------------------
 

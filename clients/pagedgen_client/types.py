@@ -10,7 +10,22 @@ _FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_ABORT: "abort",
+    pb.FINISH_REASON_TIME_LIMIT: "time_limit",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call of a tool by the model."""
+
+    id: str                                     # answer it with a "tool" message of this tool_call_id
+    name: str                                   # the function called
+    arguments: str                              # its arguments, a JSON object as text
+
+    @classmethod
+    def from_pb(cls, msg: pb.ToolCall) -> "ToolCall":
+        return cls(msg.id, msg.name, msg.arguments)
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,9 @@ class GenerateChunk:
     stop_reason: str | int | None               # the matched stop string or stop token id
     usage: Usage | None                         # on the completion's last chunk
     engine_time: float | None = None            # return_timing: when the engine produced it (Unix s, server clock)
+    tool_calls: tuple[ToolCall, ...] = ()       # calls parsed since the previous chunk (with tools)
+    # With prompt_logprobs, on one chunk: the logprob of each prompt token after the first (entry i: token i + 1).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:
@@ -72,6 +90,8 @@ class GenerateChunk:
             stop_reason=None if kind is None else getattr(msg, kind),
             usage=Usage.from_pb(msg.usage) if msg.HasField("usage") else None,
             engine_time=msg.engine_time_unix_nanos / 1e9 if msg.engine_time_unix_nanos else None,
+            tool_calls=tuple(ToolCall.from_pb(c) for c in msg.tool_calls),
+            prompt_logprobs=[TokenLogprob.from_pb(lp) for lp in msg.prompt_logprobs] or None,
         )
 
 
@@ -87,11 +107,14 @@ class ModelInfo:
     num_kv_blocks: int
     backend: str
     dtype: str
+    architecture: str = ""                      # the model family, e.g. "qwen3" ("" from older servers)
+    loaded_model: str = ""                      # the loaded model's own name; ``model`` is the served name
 
     @classmethod
     def from_pb(cls, msg: pb.ModelInfoResponse) -> "ModelInfo":
         return cls(msg.model, msg.max_model_len, msg.vocab_size, tuple(msg.eos_token_ids),
-                   msg.block_size, msg.num_kv_blocks, msg.backend, msg.dtype)
+                   msg.block_size, msg.num_kv_blocks, msg.backend, msg.dtype, msg.architecture,
+                   msg.loaded_model or msg.model)
 
 
 @dataclass(frozen=True)
@@ -105,11 +128,56 @@ class Stats:
     num_preemptions: int
     prefix_cache_queries: int                   # prompt tokens looked up
     prefix_cache_hits: int                      # prompt tokens found
+    num_waiting_prompt_tokens: int = 0          # tokens the waiting requests still have to prefill
+    num_running_tokens: int = 0                 # tokens the running requests hold (prompt plus output)
 
     @classmethod
     def from_pb(cls, msg: pb.GetStatsResponse) -> "Stats":
         return cls(msg.num_running, msg.num_waiting, msg.kv_blocks_total, msg.kv_blocks_free,
-                   msg.num_preemptions, msg.prefix_cache_queries, msg.prefix_cache_hits)
+                   msg.num_preemptions, msg.prefix_cache_queries, msg.prefix_cache_hits,
+                   msg.num_waiting_prompt_tokens, msg.num_running_tokens)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask of the server (over a limit: INVALID_ARGUMENT)."""
+
+    max_n: int                                  # completions per request
+    max_tokens: int | None                      # sampling max_tokens at most; None: the context bounds it
+    max_stop_strings: int                       # stop strings per request
+    max_stop_string_len: int                    # characters per stop string
+    max_message_bytes: int                      # bytes of one request message
+    max_prompt_tokens: int | None               # prompt tokens; None: the context (max_model_len - 1)
+
+    @classmethod
+    def from_pb(cls, msg: pb.ServerLimits) -> "ServerLimits":
+        return cls(msg.max_n, msg.max_tokens if msg.HasField("max_tokens") else None, msg.max_stop_strings,
+                   msg.max_stop_string_len, msg.max_message_bytes,
+                   msg.max_prompt_tokens if msg.HasField("max_prompt_tokens") else None)
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The server's version, how its engine is sized, and its request limits (for routers and operators)."""
+
+    version: str                                # the pagedgen version
+    model: str                                  # the served model name
+    backend: str                                # "cpu", "cuda", "metal"
+    dtype: str                                  # the compute dtype
+    weight_format: str                          # a dtype, or a quantized format's name
+    max_num_seqs: int                           # requests running at once at most
+    max_num_batched_tokens: int                 # tokens per engine step at most
+    max_queue: int | None                       # waiting requests at most; None: unbounded
+    max_model_len: int                          # prompt plus output tokens of one request at most
+    block_size: int                             # tokens per KV block
+    num_kv_blocks: int                          # KV blocks in the pool
+    limits: ServerLimits
+
+    @classmethod
+    def from_pb(cls, msg: pb.GetServerInfoResponse) -> "ServerInfo":
+        return cls(msg.version, msg.model, msg.backend, msg.dtype, msg.weight_format, msg.max_num_seqs,
+                   msg.max_num_batched_tokens, msg.max_queue if msg.HasField("max_queue") else None,
+                   msg.max_model_len, msg.block_size, msg.num_kv_blocks, ServerLimits.from_pb(msg.limits))
 
 
 def collect_texts(chunks: list[GenerateChunk]) -> list[str]:

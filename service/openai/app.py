@@ -4,16 +4,21 @@
 over the same engine; ``PagedgenServer`` starts it, attaches the engine once
 loaded, and stops it after the drain. A client that disconnects cancels its
 handler (non-streamed answers) or its event stream (streamed ones); either
-way the engine requests are aborted and their KV blocks freed.
+way the engine requests are aborted and their KV blocks freed. A client's
+``X-Request-Id`` header is the call's engine request id (echoed in the
+response's header and ``id``; one is made when absent), so ``POST /v1/abort``
+(``{"request_ids": [...]}``, as gRPC's Abort) can end it from another
+connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import socket
 import ssl
-import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable
 
 import structlog
@@ -23,10 +28,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import PagedgenError
+from common.errors import PagedgenError
+from service.info import pagedgen_version
+from service.openai import tokenize as tok
 from service.openai.errors import (AuthenticationError, ClientDisconnectedError, HTTPError, error_of,
                                    invalid_body_error)
-from service.openai.protocol import ChatCompletionRequest, CompletionRequest
+from service.openai.observe import HttpCall
+from service.openai.protocol import AbortRequest, ChatCompletionRequest, CompletionRequest, InvalidFieldError
 from service.openai.serving import EventStream, OpenAIServing
 
 log = structlog.get_logger(__name__)
@@ -35,8 +43,12 @@ log = structlog.get_logger(__name__)
 CLIENT_CLOSED_REQUEST = 499
 
 
-def build_app(serving: OpenAIServing, api_key: str | None = None) -> FastAPI:
-    """The app: /health open, /v1/* behind ``Authorization: Bearer <api_key>`` when one is set."""
+def build_app(serving: OpenAIServing, api_key: str | None = None, *, metrics=None,
+              log_requests: bool = False) -> FastAPI:
+    """The app: /health and /version open; /v1/*, /tokenize and /detokenize behind
+    ``Authorization: Bearer <api_key>`` when one is set. Generation calls count
+    in ``metrics`` (a ``service.metrics.ServerMetrics``) and, with
+    ``log_requests``, log their text, as gRPC's Generate does."""
     app = FastAPI(title="pagedgen OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     expected = f"Bearer {api_key}".encode() if api_key else None
 
@@ -64,6 +76,25 @@ def build_app(serving: OpenAIServing, api_key: str | None = None) -> FastAPI:
         """200 while serving; 503 while the model loads, after the engine died, or while draining."""
         return Response(status_code=200 if serving.is_serving else 503)
 
+    @app.get("/version")
+    async def version() -> Response:
+        return _json(tok.VersionResponse(version=pagedgen_version()))
+
+    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    async def tokenize(body: tok.TokenizeCompletionRequest | tok.TokenizeChatRequest) -> Response:
+        serving.check_model(body.model)
+        return _json(await tok.tokenize(serving.engine, body))
+
+    @app.post("/detokenize", dependencies=[Depends(authorize)])
+    async def detokenize(body: tok.DetokenizeRequest) -> Response:
+        serving.check_model(body.model)
+        return _json(await tok.detokenize(serving.engine, body))
+
+    def call(endpoint: str, body) -> HttpCall:
+        record = HttpCall(endpoint, metrics, log_requests)
+        record.received(body)
+        return record
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> Response:
         return _json(serving.models())
@@ -75,24 +106,55 @@ def build_app(serving: OpenAIServing, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await _answer(request, "completions", serving.completion(body))
+        rid = request_id_of(request, "cmpl")
+        return _with_request_id(await _answer(request, call("completions", body), serving.completion(body, rid)), rid)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await _answer(request, "chat", serving.chat(body))
+        rid = request_id_of(request, "chatcmpl")
+        return _with_request_id(await _answer(request, call("chat", body), serving.chat(body, rid)), rid)
+
+    @app.post("/v1/abort", dependencies=[Depends(authorize)])
+    async def abort(body: AbortRequest) -> Response:
+        """End in-flight requests by id, like gRPC's Abort: any caller holding the key may abort any id."""
+        aborted = serving.engine.abort_in_flight(body.request_ids)
+        if aborted:
+            log.info("requests_aborted", request_ids=aborted, api="http")
+        return Response(json.dumps({"aborted_ids": aborted}), media_type="application/json")
 
     return app
 
 
-async def _answer(request: Request, endpoint: str, work: Awaitable) -> Response:
+# Longest X-Request-Id taken (as gRPC's request_id).
+MAX_REQUEST_ID_LEN = 256
+
+
+def request_id_of(request: Request, prefix: str) -> str:
+    """The call's engine request id: the client's X-Request-Id, else ``<prefix>-<random hex>``."""
+    given = request.headers.get("x-request-id")
+    if given is None or not given.strip():
+        return f"{prefix}-{uuid.uuid4().hex}"
+    if len(given) > MAX_REQUEST_ID_LEN:
+        raise InvalidFieldError("X-Request-Id", f"X-Request-Id must be at most {MAX_REQUEST_ID_LEN} characters")
+    return given
+
+
+def _with_request_id(response: Response, request_id: str) -> Response:
+    """Echo the call's id to the client, whatever the answer (vLLM's header)."""
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+async def _answer(request: Request, call: HttpCall, work: Awaitable) -> Response:
     """Run ``work`` until it answers or the client leaves; map its errors. One log event per request."""
-    start = time.perf_counter()
     status = 200
     try:
         result = await until_disconnected(request, work)
         if isinstance(result, EventStream):
             status = None                       # logged when the stream ends
-            return _SSEResponse(result, endpoint, start)
+            call.request_id = result.run.request_id
+            return _SSEResponse(result, call)
+        call.answered(result)
         return _json(result)
     except ClientDisconnectedError:
         status = CLIENT_CLOSED_REQUEST
@@ -103,7 +165,9 @@ async def _answer(request: Request, endpoint: str, work: Awaitable) -> Response:
         return response
     finally:
         if status is not None:
-            _log_request(endpoint, status, start, streamed=False)
+            if status != 200:
+                call.failed(status)
+            call.finish(status, streamed=False)
 
 
 class _SSEResponse(StreamingResponse):
@@ -111,8 +175,8 @@ class _SSEResponse(StreamingResponse):
     that left cancels the send): the engine requests are aborted at once, not
     whenever the generators are garbage-collected."""
 
-    def __init__(self, stream: EventStream, endpoint: str, start: float):
-        super().__init__(_logged_stream(stream, endpoint, start), media_type="text/event-stream",
+    def __init__(self, stream: EventStream, call: HttpCall):
+        super().__init__(_logged_stream(stream, call), media_type="text/event-stream",
                          headers={"cache-control": "no-cache"})
         self._stream = stream
 
@@ -124,20 +188,17 @@ class _SSEResponse(StreamingResponse):
             await self._stream.aclose()
 
 
-async def _logged_stream(stream: EventStream, endpoint: str, start: float) -> AsyncIterator[str]:
+async def _logged_stream(stream: EventStream, call: HttpCall) -> AsyncIterator[str]:
     status = CLIENT_CLOSED_REQUEST              # unless the stream runs to its end
     try:
         async for event in stream:
+            call.event(event)
             yield event
         status = 200
     finally:
-        _log_request(endpoint, status, start, streamed=True)
-
-
-def _log_request(endpoint: str, status: int, start: float, streamed: bool) -> None:
-    """Never the prompt or completion text."""
-    log.info("http_request", endpoint=endpoint, status=status, streamed=streamed,
-             duration_ms=round((time.perf_counter() - start) * 1e3, 1))
+        if status != 200:
+            call.failed(status)
+        call.finish(status, streamed=True)
 
 
 async def until_disconnected(request: Request, work: Awaitable):
@@ -209,26 +270,30 @@ class OpenAIServer:
     def __init__(self, engine=None, *, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
                  served_model_name: str | None = None, limits=None, max_body_bytes: int = 4 * 2**20,
                  tls_cert_file: str | None = None, tls_key_file: str | None = None,
-                 tls_client_ca_file: str | None = None):
-        self.serving = OpenAIServing(engine, served_model_name, limits)
+                 tls_client_ca_file: str | None = None, metrics=None, log_requests: bool = False,
+                 tool_call_parser: str | None = None):
+        self.serving = OpenAIServing(engine, served_model_name, limits, tool_call_parser)
         self.host, self.port = host, port
         tls = {}
         if tls_cert_file is not None:
             tls = dict(ssl_certfile=tls_cert_file, ssl_keyfile=tls_key_file, ssl_ca_certs=tls_client_ca_file,
                        ssl_cert_reqs=ssl.CERT_REQUIRED if tls_client_ca_file else ssl.CERT_NONE)
-        app = BodyLimit(build_app(self.serving, api_key), max_body_bytes)
+        app = BodyLimit(build_app(self.serving, api_key, metrics=metrics, log_requests=log_requests), max_body_bytes)
         self._config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", ws="none", **tls)
         self._server: uvicorn.Server | None = None
         self._socket: socket.socket | None = None
         self._ticker: asyncio.Task | None = None
 
     @classmethod
-    def from_options(cls, engine, options) -> "OpenAIServer":
-        """The HTTP API that ``service.server.ServerOptions`` asks for (its host, key, TLS and limits)."""
+    def from_options(cls, engine, options, metrics=None) -> "OpenAIServer":
+        """The HTTP API that ``service.server.ServerOptions`` asks for (its host, key, TLS, limits and
+        ``--log-requests``), counting its requests in ``metrics`` (the gRPC server's)."""
         return cls(engine, host=options.host, port=options.openai_port, api_key=options.api_key,
                    served_model_name=options.served_model_name, limits=options.limits,
                    max_body_bytes=options.max_message_bytes, tls_cert_file=options.tls_cert_file,
-                   tls_key_file=options.tls_key_file, tls_client_ca_file=options.tls_client_ca_file)
+                   tls_key_file=options.tls_key_file, tls_client_ca_file=options.tls_client_ca_file,
+                   metrics=metrics, log_requests=options.log_requests,
+                   tool_call_parser=options.tool_call_parser)
 
     def attach(self, engine) -> None:
         self.serving.engine = engine

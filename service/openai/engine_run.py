@@ -1,7 +1,8 @@
 """The engine requests of one API call, read as one stream.
 
 A completion call may carry several prompts; each becomes its own engine
-request (``<call id>-<i>``) and all run concurrently. ``EngineRun.start``
+request (``<call id>-<i>``; a call of one prompt runs under the call's id
+itself, so that aborting the X-Request-Id aborts it) and all run concurrently. ``EngineRun.start``
 submits them and waits for each one's first output, so that a request the
 engine refuses (too long, queue full, shutting down) fails with its HTTP
 status before any byte of the answer is sent. ``batches`` then yields what
@@ -28,8 +29,8 @@ _END = object()         # a prompt's stream ended
 class EngineRun:
     def __init__(self, engine, request_id: str, inputs: list[dict[str, Any]], params: SamplingParams):
         self.request_id = request_id
-        self._streams = [engine.generate(f"{request_id}-{i}", sampling_params=params, **inp)
-                         for i, inp in enumerate(inputs)]
+        ids = [request_id] if len(inputs) == 1 else [f"{request_id}-{i}" for i in range(len(inputs))]
+        self._streams = [engine.generate(rid, sampling_params=params, **inp) for rid, inp in zip(ids, inputs)]
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pending: list[tuple[int, Any]] = []
         self._tasks: list[asyncio.Task] = []

@@ -11,6 +11,7 @@ InvalidRequestError, ValueError,       400     invalid_request_error
 a body that does not validate
 (no or wrong API key)                  401     invalid_request_error
 ModelNotFoundError, unknown route      404     invalid_request_error
+DuplicateRequestError (id in flight)   409     invalid_request_error
 (body over --max-message-bytes)        413     invalid_request_error
 QueueFullError                         429     rate_limit_error
 EngineShutdownError, model loading     503     service_unavailable_error
@@ -26,7 +27,7 @@ import grpc
 import structlog
 from fastapi.exceptions import RequestValidationError
 
-from engine.errors import EngineDeadError, PagedgenError, RequestFailedError
+from common.errors import EngineDeadError, PagedgenError, RequestFailedError
 from service.errors import status_of
 from service.openai.responses import ErrorBody, ErrorResponse
 
@@ -35,11 +36,29 @@ log = structlog.get_logger(__name__)
 # gRPC code -> (HTTP status, error.type, error.code)
 _FROM_GRPC = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error", "request_id_in_use"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "queue_full"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error", "unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error", "timeout"),
     grpc.StatusCode.INTERNAL: (500, "server_error", "internal_error"),
 }
+
+
+# What each HTTP status or stream error counts as in the outcome metrics (service.metrics: by gRPC code).
+_GRPC_OF_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 409: "ALREADY_EXISTS",
+                   413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 503: "UNAVAILABLE",
+                   504: "DEADLINE_EXCEEDED"}
+_GRPC_OF_BODY = {(kind, code): grpc_code.name for grpc_code, (_, kind, code) in _FROM_GRPC.items()}
+
+
+def grpc_code_of_status(status: int) -> str:
+    """The gRPC status code (name) that an HTTP answer of ``status`` corresponds to."""
+    return "OK" if status == 200 else _GRPC_OF_STATUS.get(status, "INTERNAL")
+
+
+def grpc_code_of_error(error: dict) -> str:
+    """The gRPC status code (name) of an error event's ``error`` object (a stream that failed after its 200)."""
+    return _GRPC_OF_BODY.get((error.get("type"), error.get("code")), "INTERNAL")
 
 
 class HTTPError(PagedgenError):

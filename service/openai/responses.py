@@ -6,7 +6,7 @@ matched stop string or token id) is a vLLM extra that OpenAI clients ignore.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -29,15 +29,21 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []         # None: an echoed prompt's first token (nothing predicts it)
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []     # character offset of each token in the choice's text
+
+
+# vLLM's prompt_logprobs: per prompt token, None for the first, else token id (as text) ->
+# {"logprob", "rank", "decoded_token"} for the prompt token and the top alternatives.
+PromptLogprobs = list[dict[str, dict[str, Any]] | None]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = None   # with the request's prompt_logprobs (vLLM's extra)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
@@ -68,9 +74,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] = []
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str                  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None             # None when the turn only calls tools
+    tool_calls: list[ToolCall] = []
 
 
 class ChatChoice(BaseModel):
@@ -88,12 +106,14 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None   # with the request's prompt_logprobs (vLLM's extra)
     system_fingerprint: str | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]           # {"role": "assistant", "content": ""} first, then {"content": ...}, {} last
+    delta: dict[str, Any]           # {"role": "assistant", "content": ""} first, then {"content": ...} or
+                                    # {"tool_calls": [{"index", "id", "type", "function": {"name", "arguments"}}]}, {} last
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None

@@ -10,6 +10,7 @@ maps exceptions (``errors.py``).
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,15 +18,17 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from engine.errors import InvalidRequestError
-from engine.outputs import CompletionOutput
+from common.errors import InvalidRequestError
+from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
-from scheduler.output import Logprobs
+from engine.outputs import Logprobs
 from service.errors import LoadingEngine
 from service.openai import responses as r
 from service.openai.engine_run import EngineRun, UsageCounter
 from service.openai.errors import ModelNotFoundError, error_of
 from service.openai.protocol import ChatCompletionRequest, CompletionRequest, InvalidFieldError
+from service.tools.parsers import ParsedDelta, ToolCallDelta, ToolCallStream, parse_tool_calls, tool_call_stream
+from service.tools.specs import check_choice_servable, encode_chat, with_forced_call
 
 log = structlog.get_logger(__name__)
 
@@ -65,8 +68,10 @@ class EventStream:
 class OpenAIServing:
     """Serves one engine (attached once loaded) under one model name."""
 
-    def __init__(self, engine=None, served_model_name: str | None = None, limits=None):
+    def __init__(self, engine=None, served_model_name: str | None = None, limits=None,
+                 tool_call_parser: str | None = None):
         self._engine = engine
+        self.tool_call_parser = tool_call_parser   # service.tools.parsers.TOOL_CALL_PARSERS name, for tool_choice auto
         self._served_model_name = served_model_name
         self._limits = limits          # service.limits.RequestLimits: what gRPC callers may ask for, too
         self.created = int(time.time())
@@ -106,38 +111,76 @@ class OpenAIServing:
 
     # -- endpoints -----------------------------------------------------------------
 
-    async def completion(self, body: CompletionRequest) -> r.CompletionResponse | EventStream:
+    async def completion(self, body: CompletionRequest, request_id: str | None = None
+                         ) -> r.CompletionResponse | EventStream:
+        """``request_id``: the engine's id of the call (the HTTP X-Request-Id); one is made when None."""
         self.check_model(body.model)
         inputs = body.engine_prompts()
         params = self._within_limits(body.sampling_params(), body.max_tokens_field)
-        run = EngineRun(self.engine, f"cmpl-{uuid.uuid4().hex}", inputs, params)
+        run = EngineRun(self.engine, request_id or f"cmpl-{uuid.uuid4().hex}", inputs, params)
         await run.start()
         if body.stream:
             return EventStream(self._completion_events(run, body.n, body.include_usage), run)
-        usage, choices = await _collect(run, body.n)
-        with_logprobs = body.logprobs is not None
+        prompts: dict[int, RequestOutput] = {}
+        usage, choices = await _collect(run, body.n, prompts)
+        if body.is_echo_only:
+            usage.completion_tokens = 0
         return r.CompletionResponse(
             id=run.request_id, created=int(time.time()), model=self.model_name, usage=usage.to_dict(),
-            choices=[r.CompletionChoice(index=k, text=ch.text, finish_reason=ch.finish_reason,
-                                        stop_reason=ch.stop_reason,
-                                        logprobs=self._completion_logprobs(ch.logprobs, [0]) if with_logprobs else None)
-                     for k, ch in sorted(choices.items())])
+            choices=[self._completion_choice(body, k, ch, prompts[k // body.n]) for k, ch in sorted(choices.items())])
 
-    async def chat(self, body: ChatCompletionRequest) -> r.ChatCompletionResponse | EventStream:
+    def _completion_choice(self, body: CompletionRequest, index: int, ch: _Choice,
+                           prompt: RequestOutput) -> r.CompletionChoice:
+        """A whole completion; with ``echo`` its prompt (text and logprobs) comes first."""
+        text, lps = ch.text, ch.logprobs
+        if body.is_echo_only:
+            text, lps = "", []
+        logprobs = None
+        if body.echo:
+            echoed = prompt.prompt if prompt.prompt is not None and body.truncate_prompt_tokens is None else \
+                self.engine.tokenizer.decode(prompt.prompt_token_ids, skip_special_tokens=False)
+            text = echoed + text
+            if body.logprobs is not None:
+                logprobs = self._echo_logprobs(prompt.prompt_token_ids, prompt.prompt_logprobs, lps)
+        elif body.logprobs is not None:
+            logprobs = self._completion_logprobs(lps, [0])
+        return r.CompletionChoice(index=index, text=text, finish_reason=ch.finish_reason, stop_reason=ch.stop_reason,
+                                  logprobs=logprobs, prompt_logprobs=self._prompt_logprobs(prompt.prompt_logprobs)
+                                  if body.prompt_logprobs is not None else None)
+
+    async def chat(self, body: ChatCompletionRequest, request_id: str | None = None
+                   ) -> r.ChatCompletionResponse | EventStream:
+        """``request_id``: the engine's id of the call (the HTTP X-Request-Id); one is made when None."""
         self.check_model(body.model)
+        tools, choice = body.tool_request()
+        check_choice_servable(choice, self.tool_call_parser)
         messages = body.engine_messages()
         params = self._within_limits(body.sampling_params(), body.max_tokens_field)
-        run = EngineRun(self.engine, f"chatcmpl-{uuid.uuid4().hex}", [{"messages": messages}], params)
+        params = with_forced_call(params, tools, choice, parallel=body.parallel_tool_calls is not False)
+        inputs: list[dict] = [{"messages": messages}]
+        if tools:                       # the template shows them to the model
+            ids = await self.engine.run_tokenizer(encode_chat, self.engine.tokenizer, messages, tools)
+            inputs = [{"prompt_token_ids": ids}]
+        new_stream = functools.partial(tool_call_stream, choice.mode, choice.name, self.tool_call_parser)
+        run = EngineRun(self.engine, request_id or f"chatcmpl-{uuid.uuid4().hex}", inputs, params)
         await run.start()
         if body.stream:
-            return EventStream(self._chat_events(run, body.n, body.logprobs, body.include_usage), run)
-        usage, choices = await _collect(run, body.n)
+            return EventStream(self._chat_events(run, body.n, body.logprobs, body.include_usage, new_stream), run)
+        prompts: dict[int, RequestOutput] = {}
+        usage, choices = await _collect(run, body.n, prompts)
         return r.ChatCompletionResponse(
             id=run.request_id, created=int(time.time()), model=self.model_name, usage=usage.to_dict(),
-            choices=[r.ChatChoice(index=k, message=r.AssistantMessage(content=ch.text), finish_reason=ch.finish_reason,
-                                  stop_reason=ch.stop_reason,
-                                  logprobs=self._chat_logprobs(ch.logprobs) if body.logprobs else None)
-                     for k, ch in sorted(choices.items())])
+            choices=[self._chat_choice(k, ch, new_stream(), body.logprobs) for k, ch in sorted(choices.items())],
+            prompt_logprobs=self._prompt_logprobs(prompts[0].prompt_logprobs) if body.prompt_logprobs is not None
+            else None)
+
+    def _chat_choice(self, index: int, ch: _Choice, stream: ToolCallStream | None, logprobs: bool) -> r.ChatChoice:
+        """A whole chat completion, its tool calls parsed out when ``stream`` is given."""
+        content, calls = (ch.text, []) if stream is None else parse_tool_calls(stream, ch.text)
+        message = r.AssistantMessage(content=content if content or not calls else None, tool_calls=[
+            r.ToolCall(id=c.id, function=r.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls])
+        return r.ChatChoice(index=index, message=message, finish_reason=_finish_reason(ch.finish_reason, bool(calls)),
+                            stop_reason=ch.stop_reason, logprobs=self._chat_logprobs(ch.logprobs) if logprobs else None)
 
     # -- server-sent events ----------------------------------------------------------
 
@@ -165,8 +208,10 @@ class OpenAIServing:
             yield _error_event(e, run.request_id)
         yield "data: [DONE]\n\n"
 
-    async def _chat_events(self, run: EngineRun, n: int, logprobs: bool, include_usage: bool) -> AsyncIterator[str]:
-        created, usage = int(time.time()), UsageCounter()
+    async def _chat_events(self, run: EngineRun, n: int, logprobs: bool, include_usage: bool,
+                           new_stream=lambda: None) -> AsyncIterator[str]:
+        """``new_stream()`` gives each completion its tool-call stream (None: all content)."""
+        created, usage, streams, called = int(time.time()), UsageCounter(), {}, set()
         chunk = dict(id=run.request_id, created=created, model=self.model_name)
 
         def event(**choice) -> str:
@@ -179,11 +224,22 @@ class OpenAIServing:
                 for out in batch.values():
                     usage.add(0, out)
                     for c in out.outputs:
-                        if c.text or c.logprobs:
-                            yield event(index=c.index, delta={"content": c.text},
+                        if c.index not in streams:
+                            streams[c.index] = new_stream()
+                        stream = streams[c.index]
+                        parsed = ParsedDelta(content=c.text) if stream is None else stream.feed(c.text)
+                        if c.finished and stream is not None:
+                            parsed.extend(stream.finish())
+                        if parsed.content or c.logprobs:
+                            yield event(index=c.index, delta={"content": parsed.content},
                                         logprobs=self._chat_logprobs(c.logprobs) if logprobs else None)
+                        if parsed.tool_calls:
+                            called.add(c.index)
+                            yield event(index=c.index, delta={"tool_calls": [_tool_call_delta(d)
+                                                                             for d in parsed.tool_calls]})
                         if c.finished:
-                            yield event(index=c.index, delta={}, finish_reason=c.finish_reason,
+                            yield event(index=c.index, delta={},
+                                        finish_reason=_finish_reason(c.finish_reason, c.index in called),
                                         stop_reason=c.stop_reason)
             if include_usage:
                 yield _event(r.ChatCompletionChunk(choices=[], usage=usage.to_dict(), **chunk), True)
@@ -198,6 +254,44 @@ class OpenAIServing:
         if text is None:
             text = self._token_texts[token_id] = self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
         return text
+
+    def _echo_logprobs(self, prompt_ids: list[int], prompt_lps: list[Logprobs | None] | None,
+                       lps: list[Logprobs]) -> r.CompletionLogprobs:
+        """Legacy logprobs of an echoed prompt then the completion, as evaluation
+        harnesses read them: the first prompt token's logprob and top are null."""
+        if prompt_lps is None or len(prompt_lps) != len(prompt_ids):
+            raise InvalidRequestError("the prompt's logprobs are missing (the request ended before its prompt "
+                                      "was computed)")
+        out = r.CompletionLogprobs()
+        offset = [0]
+        first = self._token_text(prompt_ids[0])
+        out.tokens.append(first)
+        out.token_logprobs.append(None)
+        out.top_logprobs.append(None)
+        out.text_offset.append(0)
+        offset[0] += len(first)
+        rest = self._completion_logprobs([lp for lp in prompt_lps[1:]] + list(lps), offset)
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(out, name).extend(getattr(rest, name))
+        return out
+
+    def _prompt_logprobs(self, lps: list[Logprobs | None] | None) -> r.PromptLogprobs | None:
+        """vLLM's ``prompt_logprobs``: the prompt token and its top alternatives at each position."""
+        if lps is None:
+            return None
+
+        def entry(token_id: int, logprob: float, rank: int | None) -> dict:
+            return {"logprob": max(logprob, r.MIN_LOGPROB), "rank": rank, "decoded_token": self._token_text(token_id)}
+
+        out: r.PromptLogprobs = []
+        for lp in lps:
+            if lp is None:
+                out.append(None)
+                continue
+            position = {str(t): entry(t, v, k) for k, (t, v) in enumerate(lp.top, start=1)}
+            position[str(lp.token_id)] = entry(lp.token_id, lp.logprob, lp.rank)
+            out.append(position)
+        return out
 
     def _completion_logprobs(self, lps: list[Logprobs], offset: list[int]) -> r.CompletionLogprobs:
         """Legacy completions logprobs; ``offset`` (a one-item list) carries the
@@ -222,15 +316,31 @@ class OpenAIServing:
             for lp in lps or ()])
 
 
-async def _collect(run: EngineRun, n: int) -> tuple[UsageCounter, dict[int, _Choice]]:
-    """A whole run: its usage, and its completions by choice index (prompt i's k-th is i * n + k)."""
+async def _collect(run: EngineRun, n: int, prompts: dict[int, RequestOutput] | None = None
+                   ) -> tuple[UsageCounter, dict[int, _Choice]]:
+    """A whole run: its usage, and its completions by choice index (prompt i's k-th is i * n + k).
+    ``prompts`` gets, per prompt index, an output holding its prompt (and prompt logprobs)."""
     usage, choices = UsageCounter(), {}
     async for batch in run.batches():
         for i, out in batch.items():
             usage.add(i, out)
+            if prompts is not None and (i not in prompts or out.prompt_logprobs is not None):
+                prompts[i] = out
             for c in out.outputs:
                 choices.setdefault(i * n + c.index, _Choice()).add(c)
     return usage, choices
+
+
+def _finish_reason(reason: str | None, has_tool_calls: bool) -> str | None:
+    """A completion that stopped after calling tools finished with "tool_calls"."""
+    return "tool_calls" if has_tool_calls and reason == "stop" else reason
+
+
+def _tool_call_delta(d: ToolCallDelta) -> dict:
+    """OpenAI's streamed form of a call piece (id, type and name on its first)."""
+    function = {"arguments": d.arguments} if d.name is None else {"name": d.name, "arguments": d.arguments}
+    head = {} if d.id is None else {"id": d.id, "type": "function"}
+    return {"index": d.index, **head, "function": function}
 
 
 def _event(model, include_usage: bool) -> str:

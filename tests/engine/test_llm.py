@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.errors import InvalidRequestError
+from common.errors import InvalidRequestError
 from tests.factories import make_tiny_hf_model
 
 
@@ -83,3 +83,28 @@ def test_bad_prompts_raise_and_engine_keeps_serving(llm):
 def test_unknown_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         LLM(str(tmp_path / "nope"))
+
+
+def test_stop_string_on_the_max_tokens_token_wins_and_every_block_is_freed(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    ids = llm.generate([PROMPT], greedy)[0].outputs[0].token_ids
+    decode = llm.tokenizer.decode
+    k, piece = next((k, decode(ids[:k])[len(decode(ids[:k - 1])):]) for k in range(2, len(ids))
+                    if decode(ids[:k]).startswith(decode(ids[:k - 1])) and "\ufffd" not in decode(ids[:k])
+                    and decode(ids[:k])[len(decode(ids[:k - 1])):].strip()
+                    and decode(ids[:k])[len(decode(ids[:k - 1])):] not in decode(ids[:k - 1]))
+    at_max = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=k, ignore_eos=True, stop=[piece]))
+    before = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=k - 1, ignore_eos=True, stop=[piece]))
+    out, short = at_max[0].outputs[0], before[0].outputs[0]
+    assert (out.finish_reason, out.stop_reason, out.token_ids) == ("stop", piece, ids[:k])
+    assert (short.finish_reason, short.stop_reason, short.token_ids) == ("length", None, ids[:k - 1])
+    kv = llm.engine.scheduler.kv
+    assert kv.num_free_blocks == kv.num_blocks and not llm.engine.scheduler.has_unfinished_requests()
+
+
+def test_auto_dtype_is_reported_resolved(llm):
+    from engine.model_info import ModelInfo
+
+    assert llm.engine.args.dtype == "auto"                  # the default everywhere
+    assert llm.engine.dtype == llm.engine.backend.dtype == "float32"    # what the cpu backend chose
+    assert ModelInfo.of(llm.engine).dtype == "float32"

@@ -12,8 +12,8 @@ import asyncio
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from engine.async_engine import ModelInfo
-from engine.errors import EngineDeadError, EngineShutdownError, InvalidRequestError
+from engine.model_info import ModelInfo
+from common.errors import EngineDeadError, EngineShutdownError, InvalidRequestError
 from engine.llm_engine import EngineStats
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams

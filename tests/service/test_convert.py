@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import InvalidRequestError
+from common.errors import InvalidRequestError
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from pagedgen_client import _request
@@ -46,7 +46,8 @@ def test_sampling_params_round_trip(params):
 
 
 def test_unset_sampling_fields_take_the_engine_defaults():
-    assert convert.sampling_params_from_pb(pb.SamplingParams()) == SamplingParams()
+    # ...but max_tokens: unset is up to the context (None), as in the HTTP API.
+    assert convert.sampling_params_from_pb(pb.SamplingParams()) == SamplingParams(max_tokens=None)
     # An explicit zero is a value, not "unset".
     assert convert.sampling_params_from_pb(pb.SamplingParams(temperature=0)).temperature == 0.0
     assert SamplingParams().temperature != 0.0
@@ -142,11 +143,12 @@ def test_stop_token_id_and_hidden_token_ids():
 
 
 def test_model_info_and_stats_to_pb():
-    from engine.async_engine import ModelInfo
+    from engine.model_info import ModelInfo
     from engine.llm_engine import EngineStats
     from pagedgen_client.types import ModelInfo as ClientModelInfo, Stats
 
     info = ModelInfo("m", 2048, 49152, (0, 2), 16, 100, "cpu", "float32")
-    assert ClientModelInfo.from_pb(convert.model_info_to_pb(info)).__dict__ == info.__dict__
+    got = ClientModelInfo.from_pb(convert.model_info_to_pb(info)).__dict__
+    assert {k: got[k] for k in info.__dict__} == info.__dict__ and got["loaded_model"] == "m"
     stats = EngineStats(1, 2, 100, 90, 3, 640, 320)
     assert Stats.from_pb(convert.stats_to_pb(stats)).__dict__ == stats.__dict__

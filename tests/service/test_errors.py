@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from engine.errors import (EngineDeadError, EngineShutdownError, InvalidRequestError, QueueFullError,
+from common.errors import (EngineDeadError, EngineShutdownError, InvalidRequestError, QueueFullError,
                            RequestFailedError)
 from service.errors import status_of
 

@@ -69,6 +69,12 @@ FIELD_STRATEGIES = {  # name: (values a well-behaved client sends, anything the 
     "n": (st.integers(1, 4), INT32), "logprobs": (st.integers(0, 20), INT32),
     "ignore_eos": (st.booleans(),) * 2, "skip_special_tokens": (st.booleans(),) * 2,
     "include_stop_str_in_output": (st.booleans(),) * 2,
+    "prompt_logprobs": (st.integers(0, 5), INT32),
+}
+INT64 = st.integers(-(2**63), 2**63 - 1)
+REQUEST_FIELD_STRATEGIES = {  # GenerateRequest options, as FIELD_STRATEGIES (the server runs fcfs: priority 0)
+    "priority": (st.just(0), INT32), "time_limit_ms": (st.integers(1, 10_000), INT64),
+    "truncate_prompt_tokens": (st.integers(1, 100), INT32),
 }
 VOCAB_IDS = st.integers(0, 399)
 
@@ -86,6 +92,17 @@ def sampling_params(draw, wild: bool) -> pb.SamplingParams:
     else:
         msg.stop.extend(draw(st.lists(TEXT.filter(bool).map(lambda t: t[:32]), max_size=3)))
         msg.stop_token_ids.extend(draw(st.lists(VOCAB_IDS, max_size=3)))
+    bias = st.floats(-100, 100) if not wild else st.one_of(st.floats(width=32, allow_nan=True), st.floats(-100, 100))
+    msg.logit_bias.update(draw(st.dictionaries(st.one_of(UINT32, VOCAB_IDS) if wild else VOCAB_IDS, bias, max_size=4)))
+    constraint = draw(st.sampled_from([None, "json_schema", "json_object", "regex", "choice", "grammar"]))
+    if constraint == "choice":
+        msg.choice.choices.extend(draw(st.lists(TEXT, max_size=3)))
+    elif constraint == "json_object":
+        msg.json_object = draw(st.booleans())
+    elif constraint is not None:              # valid ones, and whatever text (mostly refused: INVALID_ARGUMENT)
+        valid = {"json_schema": '{"type": "object", "properties": {"a": {"type": "integer"}}}',
+                 "regex": "[a-z]{1,8}", "grammar": 'root ::= "x" | "y" root'}[constraint]
+        setattr(msg, constraint, draw(st.one_of(st.just(valid), TEXT)))
     return msg
 
 
@@ -108,6 +125,10 @@ def generate_requests(draw) -> pb.GenerateRequest:
         role = TEXT if wild else st.sampled_from(["system", "user", "assistant"])
         for r, content in draw(st.lists(st.tuples(role, TEXT), min_size=0 if wild else 1, max_size=4)):
             msg.chat.messages.add(role=r, content=content)
+    for name, (tame, anything) in REQUEST_FIELD_STRATEGIES.items():
+        value = draw(_optional(anything if wild else tame))
+        if value is not None:
+            setattr(msg, name, value)
     for name in ("return_token_ids", "cache_salt"):
         value = draw(_optional(st.booleans() if name == "return_token_ids" else TEXT))
         if value is not None:
@@ -167,7 +188,7 @@ RAW_BYTES = st.one_of(
     st.builds(_mutated, generate_requests().map(lambda m: m.SerializeToString()),
               st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4)),
 )
-UNARY_METHODS = ("Tokenize", "Detokenize", "ModelInfo", "GetStats")
+UNARY_METHODS = ("Tokenize", "Detokenize", "ModelInfo", "GetStats", "Abort")
 
 
 @FUZZ

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.errors import QueueFullError
+from common.errors import QueueFullError
 from pagedgen_client import PagedgenClientError
 from service.server import ServerOptions
 from tests.service.conftest import ServerThread, tiny_engine_args
@@ -161,7 +161,7 @@ def test_each_server_has_its_own_registry(fake_engine):
 
 
 def test_metrics_port_flag():
-    from service.cli import build_parser
+    from cli.main import build_parser
 
     args = build_parser().parse_args(["serve", "--metrics-port", "9400"])
     assert args.metrics_port == 9400

@@ -209,7 +209,7 @@ def test_greedy_over_http_equals_grpc_and_offline(http_server, client):
     (dict(prompt=[10**6]), None, "outside the vocabulary"),
     (dict(prompt="word " * 600), None, "shorten the prompt"),
     (dict(temperature="hot"), "temperature", "temperature: Input should be a valid number"),
-    (dict(echo=True), "echo", "echo is not supported"),
+    (dict(echo=True, stream=True), "echo", "echo is not supported with stream"),
 ])
 def test_invalid_arguments_get_400_saying_what_to_fix(client, kwargs, param, says):
     request = dict(model=MODEL, prompt="hello", max_tokens=4) | kwargs

@@ -20,7 +20,8 @@ def test_every_prompt_shape_becomes_engine_inputs(prompt, inputs):
 
 def test_completion_defaults_follow_openai():
     params = CompletionRequest(prompt="x").sampling_params()
-    assert params.max_tokens == 16 and params.logprobs is None and params.n == 1
+    # An unset max_tokens runs up to the context in both endpoints, as in gRPC (not legacy OpenAI's 16).
+    assert params.max_tokens is None and params.logprobs is None and params.n == 1
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}]).sampling_params()
     assert chat.max_tokens is None                      # a chat reply runs up to the context
 
@@ -54,7 +55,7 @@ def test_chat_max_completion_tokens_wins_and_text_parts_are_joined():
 
 @pytest.mark.parametrize("fields, param", [
     (dict(stream_options={"include_usage": True}), "stream_options"),        # without stream: true
-    (dict(logit_bias={"5": 1.0}), "logit_bias"),
+    (dict(logit_bias={"5": 200.0}), "logit_bias"),                          # outside [-100, 100]
     (dict(suffix="!"), "suffix"),
 ])
 def test_unsupported_options_are_refused_not_ignored(fields, param):

@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServeProcess:
-    """``python -m service serve ... --port 0 --log-format json``, its log lines collected."""
+    """``python -m cli serve ... --port 0 --log-format json``, its log lines collected."""
 
     def __init__(self, *args: str):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--port", "0", "--log-format", "json", *args],
+            [sys.executable, "-m", "cli", "serve", "--port", "0", "--log-format", "json", *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.events: list[dict] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

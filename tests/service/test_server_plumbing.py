@@ -13,7 +13,7 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
-from engine.errors import EngineShutdownError, InvalidRequestError, QueueFullError, RequestFailedError
+from common.errors import EngineShutdownError, InvalidRequestError, QueueFullError, RequestFailedError
 from pagedgen_client import AsyncClient, Client, PagedgenClientError, RetryPolicy
 from service.server import SERVICE_NAME, ServerOptions
 from tests.service.conftest import ServerThread

@@ -78,6 +78,10 @@ def _plans(rng: random.Random) -> list[Plan]:
             params.seed = rng.randrange(2**32)
         if rng.random() < 0.1:
             params.n = 2
+        if rng.random() < 0.1:                  # structured output (one cached grammar) and logit_bias
+            params.regex = "[a-z ]{1,40}"
+        if rng.random() < 0.1:
+            params.logit_bias[rng.randrange(400)] = rng.uniform(-100, 100)
         req = pb.GenerateRequest(request_id=rid, sampling=params)
         if rng.random() < 0.5:
             req.prompt_token_ids.ids.extend(rng.randrange(400) for _ in range(rng.randint(1, 160)))

@@ -60,6 +60,16 @@ class GenerateStub:
                 request_serializer=pagedgen_dot_v1_dot_generate__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=pagedgen_dot_v1_dot_generate__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/pagedgen.v1.Generate/Abort',
+                request_serializer=pagedgen_dot_v1_dot_generate__pb2.AbortRequest.SerializeToString,
+                response_deserializer=pagedgen_dot_v1_dot_generate__pb2.AbortResponse.FromString,
+                _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/pagedgen.v1.Generate/GetServerInfo',
+                request_serializer=pagedgen_dot_v1_dot_generate__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=pagedgen_dot_v1_dot_generate__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class GenerateServicer:
@@ -105,6 +115,26 @@ class GenerateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Abort(self, request, context):
+        """Ends in-flight requests by id: each one's stream closes with its text so
+        far and FINISH_REASON_ABORT, and its KV blocks return to the pool. Ids
+        are caller-chosen (GenerateRequest.request_id), so any caller that may
+        call this server may abort any request: with --api-key, any holder of
+        the key; without one, anyone who can reach the port. Ids that are not in
+        flight are ignored. The HTTP API's POST /v1/abort does the same.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServerInfo(self, request, context):
+        """Describes the server for routers and operators: its version, how the
+        engine was sized, and the per-request limits it enforces.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerateServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +162,16 @@ def add_GenerateServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=pagedgen_dot_v1_dot_generate__pb2.GetStatsRequest.FromString,
                     response_serializer=pagedgen_dot_v1_dot_generate__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=pagedgen_dot_v1_dot_generate__pb2.AbortRequest.FromString,
+                    response_serializer=pagedgen_dot_v1_dot_generate__pb2.AbortResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=pagedgen_dot_v1_dot_generate__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=pagedgen_dot_v1_dot_generate__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +310,60 @@ class Generate:
             '/pagedgen.v1.Generate/GetStats',
             pagedgen_dot_v1_dot_generate__pb2.GetStatsRequest.SerializeToString,
             pagedgen_dot_v1_dot_generate__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagedgen.v1.Generate/Abort',
+            pagedgen_dot_v1_dot_generate__pb2.AbortRequest.SerializeToString,
+            pagedgen_dot_v1_dot_generate__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagedgen.v1.Generate/GetServerInfo',
+            pagedgen_dot_v1_dot_generate__pb2.GetServerInfoRequest.SerializeToString,
+            pagedgen_dot_v1_dot_generate__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,85 @@
+"""time_limit_ms: the completion ends with finish reason time_limit and the text so far, in every API."""
+
+from __future__ import annotations
+
+import grpc
+import openai
+import pytest
+
+from engine import LLM, SamplingParams
+from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
+from pagedgen_client._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
+from service.server import ServerOptions
+from tests.service.conftest import ServerThread, tiny_engine_args
+
+pytestmark = pytest.mark.timeout(120)
+
+MAX = 480                                   # hundreds of steps: far longer than the limits below
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    from engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(tiny_engine_args(tiny_model_dir))
+    srv = ServerThread(engine, ServerOptions(port=0, openai_port=0))
+    yield srv
+    srv.stop(grace=2.0)
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.GenerateStub(channel)
+
+
+def _request(**kwargs) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt="The cat watches", sampling=pb.SamplingParams(
+        max_tokens=MAX, ignore_eos=True, temperature=0), **kwargs)
+
+
+def test_grpc_time_limit_ends_with_time_limit_and_the_text_so_far(stub):
+    msgs = list(stub.Generate(_request(time_limit_ms=150)))
+    last = msgs[-1]
+    assert last.finish_reason == pb.FINISH_REASON_TIME_LIMIT
+    assert 0 < last.usage.completion_tokens < MAX
+    assert sum(len(m.token_ids) for m in msgs) == last.usage.completion_tokens
+    # Without a limit the same request runs to max_tokens.
+    full = list(stub.Generate(_request()))
+    assert full[-1].finish_reason == pb.FINISH_REASON_LENGTH and full[-1].usage.completion_tokens == MAX
+
+
+@pytest.mark.parametrize("value", [-1, 0])
+def test_grpc_bad_time_limit_is_invalid_argument_naming_the_field(stub, value):
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(_request(time_limit_ms=value)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "time_limit_ms" in info.value.details()
+    assert list(stub.Generate(pb.GenerateRequest(prompt="still serving", sampling=pb.SamplingParams(max_tokens=2))))
+
+
+def test_http_time_limit_field(server):
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{server.server.openai_port}/v1", api_key="none",
+                       max_retries=0) as oa:
+        out = oa.completions.create(model=None, prompt="The cat watches", max_tokens=MAX, temperature=0,
+                                    extra_body={"ignore_eos": True, "time_limit_ms": 150})
+        assert out.choices[0].finish_reason == "time_limit" and 0 < out.usage.completion_tokens < MAX
+        chat = oa.chat.completions.create(model=None, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX,
+                                          temperature=0, extra_body={"ignore_eos": True, "time_limit_ms": 150})
+        assert chat.choices[0].finish_reason == "time_limit"
+        with pytest.raises(openai.BadRequestError) as info:
+            oa.completions.create(model=None, prompt="x", extra_body={"time_limit_ms": -5})
+        assert "time_limit_ms" in info.value.message
+        assert oa.completions.create(model=None, prompt="x", max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_offline_time_limit_and_the_server_default(tiny_model_dir):
+    llm = LLM(tiny_model_dir, num_kv_blocks=256, default_time_limit_ms=150)
+    params = SamplingParams(max_tokens=MAX, ignore_eos=True, temperature=0)
+    (out,) = llm.generate(["The cat watches"], params)                      # the engine's default applies
+    assert out.outputs[0].finish_reason == "time_limit" and 0 < len(out.outputs[0].token_ids) < MAX
+    assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids)
+    assert llm.get_stats().kv_blocks_free == llm.get_stats().kv_blocks_total
+    (long,) = llm.generate(["The cat watches"], SamplingParams(max_tokens=MAX, ignore_eos=True, temperature=0,
+                                                                time_limit_ms=600_000))   # the request's wins
+    assert long.outputs[0].finish_reason == "length"
