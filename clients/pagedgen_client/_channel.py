@@ -15,6 +15,30 @@ Pem = Union[bytes, str, "os.PathLike[str]", None]   # PEM bytes, or a path to a 
 Metadata = Sequence[tuple[str, str]]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+UNIX_SCHEME = "unix:"
+UNIX_AUTHORITY = "localhost"        # the authority (and TLS name) of a unix: channel, unless options set one
+_AUTHORITY_OPTIONS = ("grpc.default_authority", "grpc.ssl_target_name_override")
+
+
+def check_target(target: str) -> str:
+    """``target`` if gRPC can dial it, else ValueError saying what to write.
+
+    Accepted: ``host:port``, a gRPC name URI (``dns:///name:port``...), and a
+    Unix domain socket as ``unix:PATH`` (relative to the working directory, or
+    absolute) or ``unix:///ABSOLUTE_PATH``. Over a socket the channel's
+    authority is ``localhost`` (``ChannelConfig`` sets it), which is also
+    the name TLS verifies; the ``grpc.default_authority`` option overrides it.
+    """
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError("target must be host:port or unix:PATH, got an empty string")
+    if target.startswith(UNIX_SCHEME):
+        path = target[len(UNIX_SCHEME):]
+        if path.startswith("//") and not path.startswith("///"):
+            raise ValueError(f"{target!r} names a host, which a Unix socket has not: "
+                             f"write unix:PATH or unix:///ABSOLUTE_PATH")
+        if not path.lstrip("/"):
+            raise ValueError(f"{target!r} has no socket path: write unix:PATH or unix:///ABSOLUTE_PATH")
+    return target
 
 
 @dataclass(frozen=True)
@@ -74,7 +98,7 @@ def _read_pem(value: Pem) -> bytes | None:
 class ChannelConfig:
     """How to reach the server: address, TLS, default metadata, gRPC options."""
 
-    target: str = DEFAULT_TARGET
+    target: str = DEFAULT_TARGET                # host:port, unix:PATH or a gRPC URI (see check_target)
     secure: bool = False                        # TLS with the system roots when no root given
     root_certificates: Pem = None               # CA bundle that signed the server's certificate
     private_key: Pem = None                     # client key, for mutual TLS
@@ -82,6 +106,9 @@ class ChannelConfig:
     api_key: str | None = None                  # sent as "authorization: Bearer KEY"
     metadata: Metadata = ()                     # sent with every call
     options: Sequence[tuple[str, object]] = ()  # grpc channel arguments
+
+    def __post_init__(self) -> None:
+        check_target(self.target)
 
     @property
     def uses_tls(self) -> bool:
@@ -101,6 +128,8 @@ class ChannelConfig:
         """A channel to ``target`` from ``grpc`` (sync) or ``grpc.aio`` (async)."""
         credentials = self.credentials()
         options = list(self.options)
+        if self.target.startswith(UNIX_SCHEME) and not any(key in _AUTHORITY_OPTIONS for key, _ in options):
+            options.append(("grpc.default_authority", UNIX_AUTHORITY))    # gRPC's default: the escaped path
         if credentials is None:
             return grpc_module.insecure_channel(self.target, options=options)
         return grpc_module.secure_channel(self.target, credentials, options=options)
