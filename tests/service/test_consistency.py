@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import grpc
 import httpx
@@ -223,6 +224,11 @@ def test_log_requests_covers_http_requests(tiny_model_dir):
             streamed = "".join(c.choices[0].delta.content or "" for c in oa.chat.completions.create(
                 model=None, messages=[{"role": "user", "content": "chat secret"}], max_tokens=3, stream=True,
                 temperature=0) if c.choices)
+            # A stream is logged when its response ends on the server, which may be just after
+            # the client has read the last event: wait for it.
+            end = time.monotonic() + 10
+            while sum(e["event"] == "http_request" for e in logs) < 2 and time.monotonic() < end:
+                time.sleep(0.02)
         texts = [e for e in logs if e["event"] == "request_text"]
         completions = [e for e in logs if e["event"] == "request_completion_text"]
         assert [t["prompt"] for t in texts] == ["secret prompt", [{"role": "user", "content": "chat secret"}]]
