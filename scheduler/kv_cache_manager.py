@@ -11,6 +11,11 @@ scheduled, so a request admitted later in the same step, or any later step,
 finds them: it takes references and skips computing those tokens. Blocks are
 only kept in the cache once their K/V was actually computed: a request freed
 before its step ran gives its uncomputed blocks back unhashed.
+
+Besides the ``KVBlock`` objects, each request has a live list of its block
+ids (``block_ids``) that the scheduler hands to backends by reference
+(``scheduler.output``): it only grows while the request holds its blocks, and
+is dropped, never reused, when they are freed.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self._blocks: dict[str, list[KVBlock]] = {}       # request id -> block table
+        self._block_ids: dict[str, list[int]] = {}        # request id -> its block ids (append-only, live)
         self._num_cached: dict[str, int] = {}             # request id -> leading blocks registered
         self.prefix_cache_queries = 0                     # tokens looked up
         self.prefix_cache_hits = 0                        # tokens found
@@ -44,7 +50,18 @@ class KVCacheManager:
         return self.pool.num_free_blocks
 
     def get_block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._blocks.get(request_id, ())]
+        """A copy of the request's block ids ([] when it holds none)."""
+        return list(self._block_ids.get(request_id, ()))
+
+    @property
+    def live_block_ids(self) -> dict[str, list[int]]:
+        """Request id -> its live block-id list (see ``block_ids``); read-only for callers."""
+        return self._block_ids
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """The request's live block-id list itself (no copy): append-only while it
+        holds its blocks; callers must not modify it."""
+        return self._block_ids[request_id]
 
     def num_blocks_needed(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
@@ -77,23 +94,37 @@ class KVCacheManager:
         (only when the request is being admitted). Returns the newly allocated
         blocks, or None, changing nothing, when the pool is too short.
         """
-        blocks = self._blocks.setdefault(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        rid = request.request_id
+        blocks = self._blocks.get(rid)
+        if blocks is None:
+            blocks = self._blocks[rid] = []
+            self._block_ids[rid] = []
+        bs = self.block_size
+        if not new_computed_blocks:
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= len(blocks) * bs:                 # fits the blocks it has (most decode steps)
+                if self.enable_prefix_caching and total // bs > self._num_cached.get(rid, 0):
+                    self._cache_full_blocks(request, total // bs)
+                return []
+        num_computed = request.num_computed_tokens + len(new_computed_blocks) * bs
         num_needed = self.num_blocks_needed(num_computed + num_new_tokens) - len(blocks) - len(new_computed_blocks)
         # Hits that sit in the free queue count against the free blocks.
         num_revived = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_needed > self.pool.num_free_blocks - num_revived:
             if not blocks:
-                del self._blocks[request.request_id]
+                del self._blocks[rid], self._block_ids[rid]
             return None
+        ids = self._block_ids[rid]
         if new_computed_blocks:
             self.pool.touch(list(new_computed_blocks))
             blocks.extend(new_computed_blocks)
-            self._num_cached[request.request_id] = len(blocks)
+            ids.extend(b.block_id for b in new_computed_blocks)
+            self._num_cached[rid] = len(blocks)
         new_blocks = self.pool.allocate(max(num_needed, 0)) or []
         blocks.extend(new_blocks)
+        ids.extend(b.block_id for b in new_blocks)
         if self.enable_prefix_caching:
-            self._cache_full_blocks(request, (num_computed + num_new_tokens) // self.block_size)
+            self._cache_full_blocks(request, (num_computed + num_new_tokens) // bs)
         return new_blocks
 
     def _cache_full_blocks(self, request: Request, num_full_blocks: int) -> None:
@@ -112,6 +143,7 @@ class KVCacheManager:
         lose their hash before they return to the pool.
         """
         blocks = self._blocks.pop(request.request_id, None)
+        self._block_ids.pop(request.request_id, None)     # dropped, not cleared: a backend may still hold it
         self._num_cached.pop(request.request_id, None)
         if not blocks:
             return

@@ -117,8 +117,9 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
-        self.all_token_ids.append(token_id)
-        if self.num_tokens % self.block_size == 0:
+        tokens = self.all_token_ids
+        tokens.append(token_id)
+        if len(tokens) % self.block_size == 0:
             self._update_block_hashes()
 
     def _update_block_hashes(self) -> None:

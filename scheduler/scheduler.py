@@ -151,11 +151,15 @@ class Scheduler:
         scheduled: dict[str, int] = {}           # request id -> new tokens, in layout order
         preempted_now = False
 
+        running, allocate = self.running, self.kv.allocate_slots
+        is_running = RequestStatus.RUNNING
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while self.kv.allocate_slots(request, num_new) is None:
+        while i < len(running) and budget > 0:
+            request = running[i]
+            num_new = len(request.all_token_ids) - request.num_computed_tokens
+            if num_new > budget:
+                num_new = budget
+            while allocate(request, num_new) is None:
                 j = self._victim_index()
                 victim = self.running.pop(j)
                 if j < i:                        # a request scheduled earlier in this step
@@ -166,7 +170,7 @@ class Scheduler:
                     budget += scheduled.pop(victim.request_id)
                 if victim is request:
                     break
-            if request.status != RequestStatus.RUNNING:
+            if request.status is not is_running:
                 break
             scheduled[request.request_id] = num_new
             budget -= num_new
@@ -189,7 +193,7 @@ class Scheduler:
             budget -= num_new
 
         out = SchedulerOutput(
-            scheduled=[self._scheduled_request(self.requests[rid], n) for rid, n in scheduled.items()],
+            scheduled=self._scheduled_requests(scheduled),
             block_size=self.config.block_size,
             finished_request_ids=self._finished_ids,
             preempted_request_ids=self._preempted_ids,
@@ -222,23 +226,24 @@ class Scheduler:
         self._preempted_ids.add(request.request_id)
         self.num_preemptions += 1
 
-    def _scheduled_request(self, request: Request, num_new: int) -> ScheduledRequest:
-        start = request.num_computed_tokens
-        bs = self.config.block_size
-        block_table = self.kv.get_block_ids(request.request_id)
-        return ScheduledRequest(
-            request_id=request.request_id,
-            token_ids=request.all_token_ids[start:start + num_new],
-            num_computed_tokens=start,
-            block_table=block_table,
-            slot_mapping=[block_table[p // bs] * bs + p % bs for p in range(start, start + num_new)],
-            sampling_params=request.sampling_params,
-            needs_sample=start + num_new == request.num_tokens,
-            prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=request.output_token_ids,
-            num_prompt_logprobs=(request.num_prompt_logprobs if request.needs_prompt_logprobs
-                                 and start < request.num_prompt_tokens - 1 else None),
-        )
+    def _scheduled_requests(self, scheduled: dict[str, int]) -> list[ScheduledRequest]:
+        """The step's requests, in layout order: token ids sliced, the live block list by reference
+        (``scheduler.output``), slot mappings left to be derived; no per-token work."""
+        requests, block_ids, bs = self.requests, self.kv.live_block_ids, self.config.block_size
+        out = []
+        for rid, num_new in scheduled.items():
+            request = requests[rid]
+            start = request.num_computed_tokens
+            end = start + num_new
+            num_prompt_logprobs = None
+            if request.num_prompt_logprobs is not None and request.needs_prompt_logprobs \
+                    and start < request.num_prompt_tokens - 1:
+                num_prompt_logprobs = request.num_prompt_logprobs
+            out.append(ScheduledRequest(
+                rid, request.all_token_ids[start:end], start, block_ids[rid], None, request.sampling_params,
+                end == len(request.all_token_ids), request.prompt_token_ids, request.output_token_ids,
+                num_prompt_logprobs, None, bs))
+        return out
 
     def update_from_output(self, scheduler_output: SchedulerOutput, result: StepResult) -> list[Request]:
         """Advance the scheduled requests and apply the token-level stops.
@@ -248,17 +253,20 @@ class Scheduler:
         their blocks freed: status FINISHED_STOPPED (``stop_reason``: the stop
         token id, None for EOS) or FINISHED_LENGTH."""
         updated = []
+        requests, sampled = self.requests, result.sampled_token_ids
+        running = RequestStatus.RUNNING
+        eos, limit = self.config.eos_token_ids, self.config.max_tokens_per_request
         for sr in scheduler_output.scheduled:
-            request = self.requests.get(sr.request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            request = requests.get(sr.request_id)
+            if request is None or request.status is not running:
                 continue
             request.num_computed_tokens += len(sr.token_ids)
-            token = result.sampled_token_ids.get(sr.request_id)
+            token = sampled.get(sr.request_id)
             if token is None:
                 continue
             request.append_output_token(token)
             updated.append(request)
-            stop = check_stop(request, self.config.eos_token_ids, self.config.max_tokens_per_request)
+            stop = check_stop(request, eos, limit)
             if stop is not None:
                 status, request.stop_reason = stop
                 self._finish(request, status)

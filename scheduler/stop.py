@@ -55,22 +55,29 @@ class DefaultStopParams:
     stop_token_ids: tuple[int, ...] = ()        # no extra stop tokens
 
 
+_DEFAULT_STOP = DefaultStopParams()
+
+
 def check_stop(request: Request, eos_token_ids: Collection[int],
                max_tokens_per_request: int) -> tuple[RequestStatus, int | None] | None:
     """Whether the token just appended to ``request`` ends it.
 
     Returns ``(FINISHED_STOPPED, stop token id or None for EOS)``,
-    ``(FINISHED_LENGTH, None)``, or None while the request goes on.
+    ``(FINISHED_LENGTH, None)``, or None while the request goes on. Called
+    for every sampled token: plain attribute reads only.
     """
-    params: StopParams = request.sampling_params if request.sampling_params is not None else DefaultStopParams()
-    token_id = request.output_token_ids[-1]
-    if request.num_output_tokens > params.min_tokens:        # the new token is already counted
-        if not params.ignore_eos and token_id in eos_token_ids:
+    params: StopParams = request.sampling_params if request.sampling_params is not None else _DEFAULT_STOP
+    outputs = request.output_token_ids
+    num_outputs = len(outputs)
+    if num_outputs > params.min_tokens:                      # the new token is already counted
+        token_id = outputs[-1]
+        if token_id in eos_token_ids and not params.ignore_eos:
             return RequestStatus.FINISHED_STOPPED, None
-        if token_id in params.stop_token_ids:
+        if params.stop_token_ids and token_id in params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED, token_id
-    if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+    max_tokens = params.max_tokens
+    if max_tokens is not None and num_outputs >= max_tokens:
         return RequestStatus.FINISHED_LENGTH, None
-    if request.num_tokens >= max_tokens_per_request:
+    if len(request.all_token_ids) >= max_tokens_per_request:
         return RequestStatus.FINISHED_LENGTH, None
     return None

@@ -23,9 +23,11 @@ windowed layer (a query at ``p`` sees keys ``p - window + 1 .. p``) gathers
 only the blocks its window reaches, with masks that also cut the keys before
 it; a soft-capped layer computes scores, ``cap * tanh(s / cap)``, mask and
 softmax explicitly (SDPA has no cap). Everything that does not depend on the
-layer (gather indices, masks, query ranges) is built once per step by
-``build_attention_metadata``; the variant of a window is built the first
-time a layer with that window asks (``CPUAttentionMetadata.windowed``).
+layer (gather indices, masks, query ranges) is built once per step in
+``backends.cpu.attention_metadata`` (``metadata_from_inputs`` from a
+persistent batch's arrays, ``build_attention_metadata`` from plain lists);
+the variant of a window is built the first time a layer with that window
+asks (``CPUAttentionMetadata.windowed``).
 
 ``write_kv_cache_ref`` and ``paged_attention_ref`` are plain-loop references
 with the signatures future kernels must match.
@@ -33,211 +35,17 @@ with the signatures future kernels must match.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backends.base import StepRequest, step_requests
+from backends.cpu.attention_metadata import (  # noqa: F401 - build_attention_metadata et al. re-exported
+    DEFAULT_MAX_GATHER_TOKENS, GATHER_BUDGET_BYTES, MAX_MASK_ELEMENTS, CPUAttentionMetadata, DecodeGroup,
+    NativeDecode, PrefillChunk, additive_mask, build_attention_metadata, metadata_from_inputs)
+from backends.input_batch import StepInputs
 from model.config import LayerAttention
-
-
-# Decode requests are gathered in groups of about this many bytes of K
-# (padding included), so each group's K/V copy is still in the CPU cache when
-# SDPA reads it; DEFAULT_MAX_GATHER_TOKENS is that budget for 4 KV heads of
-# 64 float32 dims (the default of a bare ``build_attention_metadata`` call).
-GATHER_BUDGET_BYTES = 2 << 20
-DEFAULT_MAX_GATHER_TOKENS = 2048
-# A chunk after a cached prefix attends in pieces of query rows whose
-# [rows, context] mask holds at most this many elements.
-MAX_MASK_ELEMENTS = 1 << 23
-
-
-@dataclass
-class DecodeGroup:
-    """Decode requests (one new token each) attended together: one padded gather, one SDPA."""
-
-    rows: torch.Tensor                # [n] int64: rows of their tokens in the flattened batch
-    block_ids: torch.Tensor           # [n * num_blocks] int64: block tables (from the window's first block), padded
-    num_blocks: int                   # blocks per request after padding
-    mask: torch.Tensor                # [n, 1, 1, num_blocks * block_size] additive: 0 attend, -inf not
-
-
-@dataclass
-class NativeDecode:
-    """All decode requests of the step, for the native kernel."""
-
-    rows: torch.Tensor                # [n] int64: rows of their tokens in the flattened batch
-    block_tables: torch.Tensor        # [n, max_blocks] int32, padded with block 0
-    context_lens: torch.Tensor        # [n] int32
-
-
-@dataclass
-class PrefillChunk:
-    """One request with several new tokens (or a piece of its rows), attended on its own."""
-
-    query_start: int                  # first row of its tokens in the flattened batch
-    query_end: int                    # one past its last row
-    context_len: int                  # keys up to its last row's position (cached + new)
-    block_ids: torch.Tensor | None    # [num_ctx_blocks] int64 from key_start's block; None: plain causal
-    mask: torch.Tensor | None         # [q_len, context_len - key_start] additive (0 / -inf); None with block_ids None
-    key_start: int = 0                # position of the first gathered key (a block boundary)
-
-
-@dataclass
-class CPUAttentionMetadata:
-    """Per-step inputs of ``CPUAttention``, shared by all layers."""
-
-    slot_mapping: torch.Tensor                    # [T] int64: cache slot of each new token
-    block_size: int
-    decode_groups: list[DecodeGroup] = field(default_factory=list)
-    native_decode: NativeDecode | None = None
-    prefills: list[PrefillChunk] = field(default_factory=list)
-    requests: list[StepRequest] = field(default_factory=list)   # the step's requests, in token order
-    window: int | None = None                     # the sliding window these groups and chunks are for
-    max_gather_tokens: int = DEFAULT_MAX_GATHER_TOKENS
-    dtype: torch.dtype = torch.float32            # of the additive masks
-    _windowed: dict = field(default_factory=dict, repr=False)   # window -> this step's metadata for it
-
-    def windowed(self, window: int | None) -> "CPUAttentionMetadata":
-        """This step's metadata for layers with sliding ``window`` (itself for None), built on first use."""
-        if window == self.window:
-            return self
-        if window not in self._windowed:
-            self._windowed[window] = _build(self.requests, self.slot_mapping, self.block_size,
-                                            self.max_gather_tokens, self.dtype, self.native_decode is not None,
-                                            window, self.native_decode)
-        return self._windowed[window]
-
-    def token_context_lens(self) -> torch.Tensor:
-        """``[T]`` int64: each new token's request context length after this step."""
-        lens = np.repeat([r.context_len for r in self.requests], [r.query_len for r in self.requests])
-        return torch.from_numpy(lens.astype(np.int64))
-
-
-def build_attention_metadata(
-    query_lens: Sequence[int],
-    num_computed_tokens: Sequence[int],
-    block_tables: Sequence[Sequence[int]],
-    slot_mapping: Sequence[int],
-    block_size: int,
-    max_gather_tokens: int = DEFAULT_MAX_GATHER_TOKENS,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    native_decode: bool = False,
-    window: int | None = None,
-) -> CPUAttentionMetadata:
-    """Build the step's metadata from plain per-request lists (in token order).
-
-    With ``native_decode`` all decode requests go to the native kernel.
-    Otherwise they are sorted by length and packed into groups whose padded
-    gather stays under ``max_gather_tokens`` (a group holds at least one).
-    Masks are additive in ``dtype`` (the query dtype), so SDPA need not
-    convert a boolean mask in every layer. ``window`` builds it for layers
-    with that sliding window (``windowed`` derives the others).
-    """
-    requests = list(step_requests(query_lens, num_computed_tokens, block_tables, slot_mapping, block_size))
-    slots = torch.as_tensor(slot_mapping, dtype=torch.int64, device=device)
-    return _build(requests, slots, block_size, max_gather_tokens, dtype, native_decode, window)
-
-
-def _build(requests: list[StepRequest], slots: torch.Tensor, block_size: int, max_gather_tokens: int,
-           dtype: torch.dtype, native_decode: bool, window: int | None,
-           native: NativeDecode | None = None) -> CPUAttentionMetadata:
-    device = slots.device
-    meta = CPUAttentionMetadata(slot_mapping=slots, block_size=block_size, requests=requests, window=window,
-                                max_gather_tokens=max_gather_tokens, dtype=dtype)
-    decodes = []                                    # (num_blocks, row, context_len, table)
-    for r in requests:
-        if r.query_len == 1:
-            decodes.append((r.num_blocks, r.start, r.context_len, r.table))
-        elif r.num_computed == 0 and (window is None or r.query_len <= window):
-            meta.prefills.append(PrefillChunk(r.start, r.start + r.query_len, r.context_len, None, None))
-        else:
-            meta.prefills += _prefix_chunks(r.start, r.query_len, r.num_computed, r.table, block_size, dtype,
-                                            device, window)
-    if native_decode:
-        meta.native_decode = native
-        if decodes and native is None:
-            max_blocks = max(d[0] for d in decodes)
-            meta.native_decode = NativeDecode(
-                rows=torch.as_tensor([d[1] for d in decodes], dtype=torch.int64, device=device),
-                block_tables=torch.as_tensor([list(t[:n]) + [0] * (max_blocks - n) for n, _, _, t in decodes],
-                                             dtype=torch.int32, device=device),
-                context_lens=torch.as_tensor([d[2] for d in decodes], dtype=torch.int32, device=device),
-            )
-        return meta
-    windowed = [(n - _first_block(ctx, window, block_size), row, ctx, t) for n, row, ctx, t in decodes]
-    windowed.sort(key=lambda d: d[0])
-    group: list = []
-    for d in windowed:
-        if group and (len(group) + 1) * d[0] * block_size > max_gather_tokens:
-            meta.decode_groups.append(_decode_group(group, block_size, dtype, device, window))
-            group = []
-        group.append(d)
-    if group:
-        meta.decode_groups.append(_decode_group(group, block_size, dtype, device, window))
-    return meta
-
-
-def _first_block(context_len: int, window: int | None, block_size: int) -> int:
-    """The first block a query at position ``context_len - 1`` reads under ``window``."""
-    return 0 if window is None else max(0, context_len - window) // block_size
-
-
-def _prefix_chunks(start: int, q_len: int, num_computed: int, table: Sequence[int], block_size: int,
-                   dtype: torch.dtype, device: torch.device | str, window: int | None = None) -> list[PrefillChunk]:
-    """A chunk attending gathered keys, in pieces of query rows with bounded masks.
-
-    Under ``window`` a piece gathers only from the first block its first row's window reaches.
-    """
-    context_len = num_computed + q_len
-    span = context_len if window is None else min(context_len, window + q_len)
-    rows = max(1, MAX_MASK_ELEMENTS // span)
-    pieces = []
-    for a in range(0, q_len, rows):
-        b = min(q_len, a + rows)
-        piece_len = num_computed + b                          # keys the last row of the piece sees
-        first_block = _first_block(num_computed + a + 1, window, block_size)
-        key_start = first_block * block_size
-        query_pos = torch.arange(num_computed + a, piece_len, device=device)[:, None]    # [r, 1]
-        key_pos = torch.arange(key_start, piece_len, device=device)[None, :]             # [1, L]
-        allowed = key_pos <= query_pos
-        if window is not None:
-            allowed &= key_pos > query_pos - window
-        pieces.append(PrefillChunk(
-            start + a, start + b, piece_len,
-            torch.as_tensor(table[first_block: -(-piece_len // block_size)], dtype=torch.int64, device=device),
-            _additive(allowed, dtype), key_start,                                        # [r, L]
-        ))
-    return pieces
-
-
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """0 where ``allowed``, -inf elsewhere."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-
-
-def _decode_group(decodes: list, block_size: int, dtype: torch.dtype, device: torch.device | str,
-                  window: int | None = None) -> DecodeGroup:
-    """Decodes ``(num_blocks from the window's first block, row, context_len, table)`` gathered together."""
-    num_blocks = max(d[0] for d in decodes)
-    firsts = [_first_block(ctx, window, block_size) for _, _, ctx, _ in decodes]
-    padded = [list(table[f: f + n]) + [0] * (num_blocks - n) for (n, _, _, table), f in zip(decodes, firsts)]
-    lens = torch.as_tensor([d[2] for d in decodes], device=device)[:, None]            # [n, 1]
-    key_pos = torch.as_tensor(firsts, device=device)[:, None] * block_size + \
-        torch.arange(num_blocks * block_size, device=device)[None, :]                    # [n, L]
-    allowed = key_pos < lens
-    if window is not None:
-        allowed &= key_pos >= lens - window
-    return DecodeGroup(
-        rows=torch.as_tensor([d[1] for d in decodes], dtype=torch.int64, device=device),
-        block_ids=torch.as_tensor(padded, dtype=torch.int64, device=device).view(-1),
-        num_blocks=num_blocks,
-        mask=_additive(allowed, dtype)[:, None, None, :],                                # [n, 1, 1, L]
-    )
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
@@ -258,7 +66,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
     scores = torch.tanh(scores / softcap) * softcap
     if is_causal:
         lq, lk = scores.shape[-2:]
-        mask = _additive(torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq), scores.dtype)
+        mask = additive_mask(torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq), scores.dtype)
     if mask is not None:
         scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)              # [B, H, Lq, Lk]
@@ -306,7 +114,15 @@ class CPUAttention:
         native = self.decode_kernel is not None and self.decode_kernel.supports(
             self.num_heads, self.num_kv_heads, self.head_dim, block_size)
         return build_attention_metadata(query_lens, num_computed_tokens, block_tables, slot_mapping,
-                                        block_size, self.max_gather_tokens, self.dtype, native_decode=native)
+                                        block_size, self.max_gather_tokens, self.dtype, native_decode=native,
+                                        max_mask_elements=MAX_MASK_ELEMENTS)
+
+    def metadata_from_inputs(self, step: StepInputs, block_size: int) -> CPUAttentionMetadata:
+        """``metadata_from_inputs`` of a persistent batch's step with this instance's gather budget."""
+        native = self.decode_kernel is not None and self.decode_kernel.supports(
+            self.num_heads, self.num_kv_heads, self.head_dim, block_size)
+        return metadata_from_inputs(step, block_size, self.max_gather_tokens, self.dtype, native_decode=native,
+                                    max_mask_elements=MAX_MASK_ELEMENTS)
 
     def token_context_lens(self, metadata: CPUAttentionMetadata) -> torch.Tensor:
         """``[T]`` int64: each new token's request context length after this step."""
@@ -323,8 +139,14 @@ class CPUAttention:
         layer = layer or LayerAttention(self.scale)
         metadata = metadata.windowed(layer.window)
 
-        out = q.new_empty(q.shape)                                              # [T, H, D]
         native = metadata.native_decode
+        if native is not None and native.every and q.shape[0] == native.rows.shape[0] and q.stride(2) == 1 \
+                and q.stride(1) == self.head_dim:
+            # a decode-only step: the kernel reads q's rows in place (a view of the QKV buffer) and
+            # writes every output row, no selection copies
+            return self.decode_kernel(q, k_cache, v_cache, native.block_tables, native.context_lens,
+                                      layer.scale, window=layer.window, softcap=layer.softcap)  # [T, H, D]
+        out = q.new_empty(q.shape)                                              # [T, H, D]
         if native is not None:
             decoded = self.decode_kernel(q.index_select(0, native.rows), k_cache, v_cache, native.block_tables,
                                          native.context_lens, layer.scale, window=layer.window,

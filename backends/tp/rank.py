@@ -47,6 +47,8 @@ def model_inputs_only(scheduler_output: SchedulerOutput) -> SchedulerOutput:
                                     r.slot_mapping, None, r.needs_sample)
                    for r in scheduler_output.scheduled],
         block_size=scheduler_output.block_size,
+        finished_request_ids=scheduler_output.finished_request_ids,     # the workers' input batches free rows
+        preempted_request_ids=scheduler_output.preempted_request_ids,
     )
 
 

@@ -22,6 +22,12 @@ def test_run_times_every_part_at_a_small_batch():
         host_overhead.run(num_requests=0)
 
 
+def test_persistent_batch_writes_only_the_rows_whose_request_gained_a_block():
+    r = host_overhead.run(num_requests=32, context_len=64, steps=32, warmup_steps=1, block_size=16)
+    assert r["row_writes_per_step"] is not None
+    assert 0 < r["row_writes_per_step"] <= 32 / 16 + 1          # one request in 16 opens a block per step
+
+
 def test_profile_names_the_scheduler_and_the_backend():
     r = host_overhead.run(num_requests=4, context_len=40, steps=2, warmup_steps=1, profile_rows=200)
     assert "scheduler.py" in r["profile"] and "backend.py" in r["profile"]

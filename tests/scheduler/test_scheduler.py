@@ -108,3 +108,35 @@ def test_n_children_share_prompt_blocks_in_the_same_step():
     one = 63                                         # ceil(1000 / 16)
     used = 100 - sched.kv.num_free_blocks
     assert used <= 1.2 * one
+
+
+def test_block_table_is_the_live_append_only_list_and_a_new_one_after_preemption():
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    a, b = make_request(7, block_size=4), make_request(6, block_size=4)
+    sched.add_request(a)
+    sched.add_request(b)
+    (sa, sb) = run_step(sched).scheduled                          # a: 2 blocks, b: 2 blocks (pool full)
+    table = sa.block_table
+    assert table is sched.kv.block_ids(a.request_id) and table == [0, 1]
+    assert sched.kv.get_block_ids(a.request_id) is not table      # the copying accessor still copies
+    out = run_step(sched)                                         # both still fit their blocks
+    assert out.scheduled[0].block_table is table and table == [0, 1]
+    out = run_step(sched)                                         # a needs a 3rd block: b (youngest) preempted
+    assert out.preempted_request_ids == {b.request_id} and out.scheduled[0].block_table is table
+    assert table == [0, 1, 3] and sb.block_table == [2, 3]        # grew in place; b's old list is left as it was
+    sched.finish_requests(a.request_id, RequestStatus.FINISHED_ABORTED)
+    out = run_step(sched)                                         # b comes back
+    readmitted = out.scheduled[0]
+    assert readmitted.request_id == b.request_id and readmitted.block_table is not sb.block_table
+    assert readmitted.block_table is sched.kv.block_ids(b.request_id)
+
+
+def test_slot_mapping_is_derived_on_first_read_without_per_token_work_in_schedule():
+    sched = make_scheduler(num_blocks=10, block_size=4, max_num_batched_tokens=5)
+    req = make_request(9, block_size=4)
+    sched.add_request(req)
+    run_step(sched)
+    (sr,) = sched.schedule().scheduled                            # the chunk of positions 5..8
+    assert sr._slot_mapping is None                               # nothing computed until a backend asks
+    t = sr.block_table
+    assert sr.slot_mapping == [t[p // 4] * 4 + p % 4 for p in range(5, 9)]
