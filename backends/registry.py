@@ -11,6 +11,10 @@ and picks from ``options`` what its backend uses (``backends.base.BackendOptions
 says why one neutral options object). With ``options.tensor_parallel_size``
 above 1, ``create_backend`` takes the device's tensor-parallel factory from
 ``_TP_REGISTRY`` instead (``backends/tp``; only the cpu backend has one so far).
+
+``keeps_quantized`` says which backends multiply group-quantized weights
+(``model.weights.quant.QuantizedTensor``) natively; the engine hands every
+other backend float32 arrays (``--quantization``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,16 @@ _TP_REGISTRY = {
 
 BACKEND_NAMES = ("auto", *_REGISTRY)
 
+# Whether the cuda backend is handed QuantizedTensor weights (its W4A16/W8A16 Triton GEMM,
+# backends/cuda/kernels/quant_matmul.py); False gives it float32 arrays, as before the kernel.
+CUDA_KEEPS_QUANTIZED = True
+# name -> whether the backend's model runs QuantizedTensor weights (the others get them dequantized).
+_KEEPS_QUANTIZED = {
+    "cpu": False,                    # the float32 oracle (issue #18: no measured faster quantized path here)
+    "cuda": CUDA_KEEPS_QUANTIZED,
+    "metal": True,                   # mx.quantized_matmul (backends/metal/weights.py)
+}
+
 
 def _check_name(name: str) -> None:
     if name not in BACKEND_NAMES:
@@ -63,6 +77,17 @@ def resolve_backend_name(name: str) -> str:
         if importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("backends.metal.backend"):
             return "metal"
     return "cpu"
+
+
+def keeps_quantized(name: str, tensor_parallel_size: int = 1) -> bool:
+    """Whether backend ``name`` (not ``auto``) takes a checkpoint's quantized weights as they are.
+
+    Tensor parallelism shards float arrays (``backends/tp``), so it never does.
+    """
+    _check_name(name)
+    if name == "auto":
+        raise ValueError("resolve backend 'auto' with resolve_backend_name before asking what it keeps")
+    return tensor_parallel_size == 1 and _KEEPS_QUANTIZED[name]
 
 
 def create_backend(name: str, model_config: ModelConfig, weights: dict[str, np.ndarray],

@@ -20,9 +20,12 @@ from backends.base import AUTO_DTYPE, DTYPES as BACKEND_DTYPES
 from backends.registry import BACKEND_NAMES
 from scheduler.scheduler import SCHEDULING_POLICIES
 
-DTYPES = (AUTO_DTYPE, *BACKEND_DTYPES)  # "auto": the backend's choice (float32 on cpu and metal, bfloat16 on cuda)
+DTYPES = (AUTO_DTYPE, *BACKEND_DTYPES)  # "auto": the backend's choice (float32 on cpu, bfloat16 on metal and cuda)
 DEFAULT_KV_CACHE_MEMORY = 1 << 30       # 1 GiB of KV cache on the CPU when nothing is said
 CUDA_GRAPH_MODES = ("none", "piecewise", "full")
+# auto: keep a checkpoint's quantized weights (GGUF Q4_0/Q4_1/Q5/Q8_0/K-quants, MLX affine) where the
+# backend multiplies them natively (backends.registry.keeps_quantized); none: dequantize to float32.
+QUANTIZATION_MODES = ("auto", "none")
 
 # Size suffixes of parse_bytes: decimal (kB, MB...) and binary (K, KiB, M, MiB...), any case.
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -58,10 +61,11 @@ class EngineArgs:
     max_prompt_tokens: int | None = None  # prompt tokens per request at most; None: max_model_len - 1
     num_threads: int | None = None      # CPU threads for the cpu backend; None: all cores
     tensor_parallel_size: int = 1       # ranks the model is split over (worker processes; backends/tp)
-    gpu_memory_utilization: float = 0.9  # cuda: share of GPU memory this engine may use (KV cache sized from it)
+    gpu_memory_utilization: float = 0.9  # cuda, metal: share of GPU memory this engine may use (KV cache sized from it)
     cuda_graph_mode: str = "full"       # cuda: none | piecewise | full
     scheduling_policy: str = "fcfs"     # fcfs | priority: the waiting queue's order (vLLM's --scheduling-policy)
     default_time_limit_ms: int | None = None  # time limit of requests that set none; None: unlimited
+    quantization: str = "auto"          # auto | none: keep the file's quantized weights where the backend can
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_NAMES:
@@ -87,6 +91,10 @@ class EngineArgs:
         if self.default_time_limit_ms is not None and (not isinstance(self.default_time_limit_ms, int)
                                                        or self.default_time_limit_ms < 1):
             raise ValueError(f"default_time_limit_ms must be a positive integer, got {self.default_time_limit_ms!r}")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)} (auto: keep the "
+                             f"checkpoint's quantized weights where the backend has kernels; none: dequantize "
+                             f"to float32), got {self.quantization!r}")
         if self.cuda_graph_mode not in CUDA_GRAPH_MODES:
             raise ValueError(f"cuda_graph_mode must be one of {', '.join(CUDA_GRAPH_MODES)}, "
                              f"got {self.cuda_graph_mode!r}")
@@ -162,8 +170,8 @@ _FLAGS: dict[str, _Flag] = {
     "model": _Flag("a .gguf file or a local Hugging Face model directory "
                    "(default: embedded SmolLM2-135M-Instruct)"),
     "backend": _Flag("device backend", choices=BACKEND_NAMES),
-    "dtype": _Flag("compute and KV cache dtype; auto: float32 on cpu and metal, bfloat16 on cuda "
-                   "(float16 on GPUs without native bfloat16)", choices=DTYPES),
+    "dtype": _Flag("compute and KV cache dtype; auto: float32 on cpu, bfloat16 on metal and cuda "
+                   "(float16 on CUDA GPUs without native bfloat16)", choices=DTYPES),
     "kv_cache_memory": _Flag("memory for the KV cache, e.g. 2GiB, 512MiB or bytes "
                              "(default: the engine's, 1GiB on CPU)", type=parse_bytes),
     "num_kv_blocks": _Flag("explicit KV block count (overrides --kv-cache-memory)", type=int),
@@ -179,8 +187,8 @@ _FLAGS: dict[str, _Flag] = {
     "num_threads": _Flag("CPU threads of the cpu backend (default: all cores)", type=int),
     "tensor_parallel_size": _Flag("split the model over N ranks (worker processes over torch.distributed; "
                                   "threads shared)", type=int),
-    "gpu_memory_utilization": _Flag("cuda: share of GPU memory the engine may use; the KV cache gets what the "
-                                    "model leaves", type=float),
+    "gpu_memory_utilization": _Flag("cuda, metal: share of GPU memory (metal: of Metal's recommended working "
+                                    "set) the engine may use; the KV cache gets what the model and a step leave", type=float),
     "cuda_graph_mode": _Flag("cuda: full graphs for decode steps, piecewise graphs around eager attention, "
                              "or none", choices=CUDA_GRAPH_MODES),
     "scheduling_policy": _Flag("order of the waiting queue: fcfs (arrival) or priority (each request's priority, "
@@ -188,6 +196,9 @@ _FLAGS: dict[str, _Flag] = {
                                choices=SCHEDULING_POLICIES),
     "default_time_limit_ms": _Flag("time limit of requests that set no time_limit_ms: past it a completion ends "
                                    "with finish reason time_limit and the text so far (default: none)", type=int),
+    "quantization": _Flag("auto: keep a quantized checkpoint's weights quantized where the backend has kernels "
+                          "(metal, cuda; GGUF Q4_0/Q4_1/Q5/Q8_0/Q4_K/Q5_K/Q6_K, MLX affine); none: dequantize "
+                          "them to float32 (the cpu backend always does)", choices=QUANTIZATION_MODES),
 }
 
 

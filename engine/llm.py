@@ -25,6 +25,8 @@ class LLM:
         """Load ``model`` (None: the embedded default); kwargs are ``EngineArgs`` fields.
 
         ``dtype`` defaults to "auto", the backend's choice; ``llm.engine.dtype`` says which it took.
+        ``quantization="auto"`` keeps a quantized checkpoint quantized where the backend has kernels
+        (``"none"`` dequantizes it); ``llm.engine.weight_format`` says how the weights are held.
         """
         unknown = set(kwargs) - set(EngineArgs.field_names())
         if unknown:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from itertools import count
+from pathlib import Path
 
 import structlog
 
 from backends.base import Backend, BackendOptions
-from backends.registry import create_backend, resolve_backend_name
+from backends.registry import BACKEND_NAMES, create_backend, keeps_quantized, resolve_backend_name
 from engine.args import DEFAULT_KV_CACHE_MEMORY, EngineArgs
 from engine.detokenizer import IncrementalDetokenizer
 from common.errors import DuplicateRequestError, EngineDeadError, InvalidRequestError, RequestFailedError
@@ -25,6 +26,7 @@ from engine.output_processor import CompletionState, OutputProcessor, RequestSta
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.structured_output import StructuredOutputs
+from model.weights.quant import QuantizedTensor, dequantize_all
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -57,17 +59,25 @@ class EngineStats:
     prefix_cache_hits: int       # tokens
     num_waiting_prompt_tokens: int = 0   # tokens the waiting sequences must prefill (recompute, if preempted)
     num_running_tokens: int = 0          # tokens held by the running sequences (prompt plus output so far)
+    device_memory_active_bytes: int = 0  # the backend's allocator: bytes held now (0: the backend reports none)
+    device_memory_peak_bytes: int = 0    # the backend's allocator: the most held at once since start
 
 
 class LLMEngine:
     def __init__(self, args: EngineArgs, *, loaded: LoadedModel | None = None, backend: Backend | None = None):
         self.args = args
         t0 = time.perf_counter()
-        self.model = loaded or load_model(args.model)
+        self.backend_name = backend.name if backend else resolve_backend_name(args.backend)
+        # --quantization auto: quantized checkpoints stay quantized where the backend multiplies them natively.
+        keep_quantized = (args.quantization == "auto" and self.backend_name in BACKEND_NAMES
+                          and keeps_quantized(self.backend_name, args.tensor_parallel_size))
+        self.model = loaded or load_model(args.model, keep_quantized=keep_quantized)
+        if not keep_quantized and any(isinstance(w, QuantizedTensor) for w in self.model.weights.values()):
+            self.model.weights = dequantize_all(self.model.weights)   # a caller's quantized load, for a float backend
+        self.weight_format = self.model.weight_format  # "float32" until the backend's dtype is known (below)
         self.tokenizer = self.model.tokenizer
         self.model_config = self.model.config
         self.max_model_len = min(args.max_model_len or self.model.max_model_len, self.model.max_model_len)
-        self.backend_name = backend.name if backend else resolve_backend_name(args.backend)
         options = BackendOptions(           # every backend's options; its factory picks those it uses
             dtype=args.dtype, seed=args.seed, num_threads=args.num_threads,
             eos_token_ids=tuple(self.tokenizer.eos_token_ids), max_num_seqs=args.max_num_seqs,
@@ -77,6 +87,11 @@ class LLMEngine:
         )
         self.backend = backend or create_backend(self.backend_name, self.model_config, self.model.weights, options)
         self.dtype = self.backend.dtype              # what dtype="auto" resolved to (the backend's choice)
+        if self.weight_format == "float32":          # dense weights are held in the compute dtype
+            self.weight_format = self.dtype
+        log.info("weights_loaded", model=self.model.name, backend=self.backend_name, weight_format=self.weight_format,
+                 weight_bytes=resident_weight_bytes(self.backend, self.model.weights, self.dtype),
+                 file_bytes=_file_bytes(self.model.path))
         self.model.weights = {}                      # the backend holds its own copy now
         kv_memory = args.kv_cache_memory
         if kv_memory is None and args.num_kv_blocks is None:
@@ -99,9 +114,11 @@ class LLMEngine:
             tuple(self.tokenizer.eos_token_ids))
         self._seq_ids = count()
         self.num_steps = 0
+        memory = self.backend.memory_stats()
         log.info("engine_ready", model=self.model.name, backend=self.backend_name, dtype=self.dtype,
                  num_kv_blocks=num_blocks, block_size=args.block_size, max_model_len=self.max_model_len,
-                 load_s=round(time.perf_counter() - t0, 2))
+                 load_s=round(time.perf_counter() - t0, 2),
+                 **{f"memory_{k}_mib": v >> 20 for k, v in memory.items() if k in ("active", "peak")})
 
     # -- requests ---------------------------------------------------------------
 
@@ -291,6 +308,7 @@ class LLMEngine:
 
     def get_stats(self) -> EngineStats:
         kv = self.scheduler.kv
+        memory = self.backend.memory_stats()
         return EngineStats(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_blocks_total=kv.num_blocks, kv_blocks_free=kv.num_free_blocks,
@@ -298,10 +316,32 @@ class LLMEngine:
             prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
             num_waiting_prompt_tokens=sum(r.num_tokens - r.num_computed_tokens for r in self.scheduler.waiting),
             num_running_tokens=sum(r.num_tokens for r in self.scheduler.running),
+            device_memory_active_bytes=memory.get("active", 0), device_memory_peak_bytes=memory.get("peak", 0),
         )
 
     def shutdown(self) -> None:
         self.backend.shutdown()
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def resident_weight_bytes(backend: Backend, weights: dict, dtype: str) -> int:
+    """The weight bytes ``backend`` holds: its own ``weight_bytes`` where it reports one, else
+    ``weights`` as it holds them (quantized tensors packed, the rest in ``dtype``)."""
+    reported = getattr(backend, "weight_bytes", None)
+    if isinstance(reported, int) and reported > 0:
+        return reported
+    size = _DTYPE_BYTES.get(dtype, 4)
+    return sum(int(w.nbytes) if isinstance(w, QuantizedTensor) else int(w.size) * size for w in weights.values())
+
+
+def _file_bytes(path) -> int:
+    """Bytes of the model's file or directory of files on disk (the weight memory's yardstick)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
 def encode_prompt(tokenizer, prompt: str | None, messages: list[dict] | None) -> list[int]:

@@ -22,6 +22,8 @@ class ModelInfo:
     backend: str                        # the backend's registry name ("cpu", "cuda", "metal")
     dtype: str                          # the dtype the backend runs in ("auto" resolved)
     architecture: str = ""              # the model family (model.config.SUPPORTED_ARCHITECTURES), e.g. "qwen3"
+    weight_format: str = ""             # how the backend holds the weights: its dtype ("bfloat16") when dense,
+                                        # else the quantized formats, most tensors first ("Q4_1+Q8_0", "mlx-affine")
 
     @classmethod
     def of(cls, engine: LLMEngine) -> ModelInfo:
@@ -29,4 +31,5 @@ class ModelInfo:
         return cls(model=engine.model.name, max_model_len=engine.scheduler.config.max_tokens_per_request,
                    vocab_size=engine.tokenizer.vocab_size, eos_token_ids=tuple(engine.tokenizer.eos_token_ids),
                    block_size=engine.scheduler.config.block_size, num_kv_blocks=engine.scheduler.config.num_kv_blocks,
-                   backend=engine.backend_name, dtype=engine.dtype, architecture=engine.model_config.architecture)
+                   backend=engine.backend_name, dtype=engine.dtype, architecture=engine.model_config.architecture,
+                   weight_format=engine.weight_format)

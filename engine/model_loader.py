@@ -11,6 +11,11 @@
   Phi-3, Mixtral, Qwen2/3-MoE).
 
 Nothing is ever downloaded; anything else raises ValueError saying what to pass.
+
+With ``keep_quantized`` (the engine sets it from ``--quantization`` and
+``backends.registry.keeps_quantized``), the quantized matrices of a GGUF
+(its packed cache entry) and of an MLX quantized checkpoint stay
+``model.weights.quant.QuantizedTensor``; everything else is float32.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from model.config import ModelConfig
 from engine.tokenizer import Tokenizer
 from engine import gguf_cache
 from model.weights import hf_reader
+from model.weights.quant import QuantizedTensor, weight_format, weight_nbytes
 
 logger = structlog.get_logger(__name__)
 
@@ -49,9 +55,19 @@ class LoadedModel:
     name: str                       # display name, e.g. "SmolLM2-135M-Instruct"
     path: Path                      # the .gguf file or Hugging Face directory given
     config: ModelConfig
-    weights: dict[str, np.ndarray]  # float32, C-contiguous, canonical names
+    weights: dict[str, np.ndarray | QuantizedTensor]  # canonical names; float32 C-contiguous, or quantized
     tokenizer: Tokenizer
     max_model_len: int
+
+    @property
+    def weight_format(self) -> str:
+        """``"float32"``, or the quantized formats the weights hold, most tensors first (``"Q4_1+Q8_0"``)."""
+        return weight_format(self.weights)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the weights hold as they are (quantized tensors at their packed size)."""
+        return weight_nbytes(self.weights)
 
 
 def default_model_path() -> Path:
@@ -77,11 +93,15 @@ def default_model_path() -> Path:
     return path
 
 
-def load_model(model: str | os.PathLike | None = None) -> LoadedModel:
-    """Resolve ``model`` and load it (see the module docstring for what it accepts)."""
+def load_model(model: str | os.PathLike | None = None, keep_quantized: bool = False) -> LoadedModel:
+    """Resolve ``model`` and load it (see the module docstring for what it accepts).
+
+    ``keep_quantized``: leave a quantized checkpoint's matrices quantized
+    (``QuantizedTensor``) instead of dequantizing them to float32.
+    """
     start = time.perf_counter()
     path = resolve_model_path(model)
-    loaded = _load_gguf(path) if path.is_file() else _load_hf_dir(path)
+    loaded = _load_gguf(path, keep_quantized) if path.is_file() else _load_hf_dir(path, keep_quantized)
     logger.info(
         "model_loaded",
         model=loaded.name,
@@ -90,6 +110,8 @@ def load_model(model: str | os.PathLike | None = None) -> LoadedModel:
         description=loaded.config.describe(),
         layers=loaded.config.num_hidden_layers,
         max_model_len=loaded.max_model_len,
+        weight_format=loaded.weight_format,
+        weight_mib=round(loaded.weight_bytes / 2**20, 1),
         seconds=round(time.perf_counter() - start, 2),
     )
     return loaded
@@ -143,8 +165,8 @@ def display_name(path: Path) -> str:
     return path.name
 
 
-def _load_gguf(path: Path) -> LoadedModel:
-    entry = gguf_cache.open_gguf_cache(path, display_name(path))
+def _load_gguf(path: Path, keep_quantized: bool = False) -> LoadedModel:
+    entry = gguf_cache.open_gguf_cache(path, display_name(path), quantized=keep_quantized)
     config = entry.config
     # The tokenizer loads (and imports transformers) while this thread reads the weights.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedgen-tokenizer") as pool:
@@ -155,8 +177,8 @@ def _load_gguf(path: Path) -> LoadedModel:
         return LoadedModel(entry.name, path, config, weights, tokenizer.result(), entry.max_model_len)
 
 
-def _load_hf_dir(path: Path) -> LoadedModel:
-    checkpoint = hf_reader.read_hf_dir(path)
+def _load_hf_dir(path: Path, keep_quantized: bool = False) -> LoadedModel:
+    checkpoint = hf_reader.read_hf_dir(path, keep_quantized=keep_quantized)
     config = checkpoint.config
     tokenizer = Tokenizer.from_dir(path, config.eos_token_ids, config.bos_token_id)
     return LoadedModel(display_name(path), path, config, checkpoint.weights, tokenizer, checkpoint.max_model_len)

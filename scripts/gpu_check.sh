@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU check of the cuda backend in one call on a bare lent GPU box (no network): sections (a)-(h) of
+# GPU check of the cuda backend in one call on a bare lent GPU box (no network): sections (a)-(i) of
 # bench/gpu_check (kernel tests, decode bandwidth, prefill TFLOP/s, graph capture, logits vs HF,
-# throughput vs HF generate(), serve + streamed Generate, memory vs budget).
+# throughput vs HF generate() in bf16 and with 4-bit weights, serve + streamed Generate, memory vs
+# budget, the W4A16/W8A16 GEMM's bandwidth at 8B decode shapes).
 #   scripts/gpu_check.sh [--quick] [--dry-run] [--skip LETTER]...
 # --quick: about 4 minutes on an H200; the full run about 8 (hard limits 240 / 480 s, compiles included).
 # --dry-run: the same sections at toy sizes on the CPU under TRITON_INTERPRET=1 (the setup, proven

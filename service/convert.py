@@ -294,7 +294,7 @@ def model_info_to_pb(info: ModelInfo, served_model_name: str | None = None) -> p
         model=served_model_name or info.model, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
         eos_token_ids=list(info.eos_token_ids), block_size=info.block_size,
         num_kv_blocks=info.num_kv_blocks, backend=info.backend, dtype=info.dtype, architecture=info.architecture,
-        loaded_model=info.model)
+        loaded_model=info.model, weight_format=info.weight_format)
 
 
 def stats_to_pb(stats: EngineStats) -> pb.GetStatsResponse:
@@ -303,7 +303,8 @@ def stats_to_pb(stats: EngineStats) -> pb.GetStatsResponse:
         kv_blocks_total=stats.kv_blocks_total, kv_blocks_free=stats.kv_blocks_free,
         num_preemptions=stats.num_preemptions, prefix_cache_queries=stats.prefix_cache_queries,
         prefix_cache_hits=stats.prefix_cache_hits, num_waiting_prompt_tokens=stats.num_waiting_prompt_tokens,
-        num_running_tokens=stats.num_running_tokens)
+        num_running_tokens=stats.num_running_tokens, device_memory_active_bytes=stats.device_memory_active_bytes,
+        device_memory_peak_bytes=stats.device_memory_peak_bytes)
 
 
 def server_info_to_pb(info: ServerInfo) -> pb.GetServerInfoResponse:

@@ -54,7 +54,7 @@ class ServerInfo:
         """The description of a server over ``engine`` (an ``AsyncEngine``: its ``args`` and ``model_info``)."""
         info, args = engine.model_info, engine.args
         return cls(version=pagedgen_version(), model=served_model_name or info.model, backend=info.backend,
-                   dtype=info.dtype, weight_format=getattr(info, "weight_format", None) or info.dtype,
+                   dtype=info.dtype, weight_format=info.weight_format or info.dtype,
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                    max_queue=args.max_queue, max_model_len=info.max_model_len, block_size=info.block_size,
                    num_kv_blocks=info.num_kv_blocks, limits=limits, max_message_bytes=max_message_bytes,

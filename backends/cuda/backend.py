@@ -25,22 +25,23 @@ runs without memory profiling, graphs replayed eagerly (``EagerGraph``).
 
 from __future__ import annotations
 
-from itertools import chain
-
 import numpy as np
 import structlog
 import torch
 
 from backends.cuda.attention import DEFAULT_BLOCK_N, TritonAttention, TritonAttentionMetadata
+from backends.cuda.inputs import PinnedStaging, upload_full_step, upload_step
 from backends.cuda.graphs import (CUDA_GRAPH_MODES, CapturedGraph, EagerGraph, GraphDispatcher, capture_graphs,
                                   graph_batch_sizes, piecewise_token_sizes)
 from backends.cuda.kernels.paged_attention import AttentionPlan, block_shape, choose_num_splits
+from backends.cuda.kernels.quant_matmul import SUPPORTED_BITS as QUANT_BITS
 from backends.cuda.memory import kv_block_bytes, kv_cache_bytes, num_kv_blocks
 from backends.cuda.model import CUDAModel, StepBuffers
 from backends.sampler import Sampler
 from backends.torch_model.weights import ModelWeights, load_weights
 from model.config import ModelConfig
 from backends.base import Backend, BackendOptions, run_step
+from backends.input_batch import InputBatch, StepInputs
 from backends.cpu.backend import TORCH_LOGIT_ROWS
 from scheduler.output import SchedulerOutput, StepResult
 
@@ -98,7 +99,7 @@ class CUDABackend(Backend):
         self.attention = TritonAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                          num_sms=self.num_sms, block_n=DEFAULT_BLOCK_N)
         if not isinstance(weights, ModelWeights):
-            weights = load_weights(c, weights, self._torch_dtype)
+            weights = load_weights(c, weights, self._torch_dtype, keep_quantized=QUANT_BITS)   # 4/8-bit stay packed
         self.model = CUDAModel(c, weights_to(weights, self.device), self.attention)
         self.full_sizes = graph_batch_sizes(max_num_seqs) if cuda_graph_mode == "full" else []
         self.buffers = StepBuffers.allocate(c, max(max_num_batched_tokens, max_num_seqs, *self.full_sizes),
@@ -157,6 +158,11 @@ class CUDABackend(Backend):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._static = None
+        self.input_batch = InputBatch(block_size, max_reqs=self.max_num_seqs,      # persistent step inputs
+                                      max_blocks=-(-self.max_model_len // block_size),
+                                      max_tokens=self.buffers.max_tokens, index_dtype=np.int32)
+        self._staging = PinnedStaging(self.device, 6 * self.buffers.max_tokens + 2 * self.max_num_seqs
+                                      + self.max_num_seqs * -(-self.max_model_len // block_size))
         if self.device.type == "cuda":
             self._set_matmul_precision()
             self.warm_up()
@@ -181,6 +187,8 @@ class CUDABackend(Backend):
         request whose context needs one would wait for Triton to compile it
         (the norms, rotary and cache-write kernels compile on the way). Every
         slot is -1 (``warmup_metadata``), so the cache is left as it was.
+        Then every quantized-GEMM tile config and MoE block height
+        (``CUDAModel.warm_up_kernels``), which these steps do not all reach.
         """
         if not self.kv_caches:
             raise RuntimeError("warm_up needs the KV cache: call allocate_kv_cache first")
@@ -189,6 +197,7 @@ class CUDABackend(Backend):
             for metadata in self.attention.warmup_metadata(self.max_model_len, self.block_size, self.device):
                 buf = self.buffers.sized(int(metadata.slot_mapping.shape[0]))
                 self.model.forward(buf, self.kv_caches, metadata, first_row)
+            self.model.warm_up_kernels(self.buffers.max_tokens)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -298,58 +307,41 @@ class CUDABackend(Backend):
             raise RuntimeError("allocate_kv_cache must be called before execute")
         if scheduler_output.block_size != self.block_size:
             raise ValueError(f"step block_size {scheduler_output.block_size} != cache block_size {self.block_size}")
-        scheduled = scheduler_output.scheduled
-        query_lens = [len(r.token_ids) for r in scheduled]
-        num_tokens = sum(query_lens)
+        step = self.input_batch.prepare(scheduler_output, all_tokens)    # persistent rows, numpy step arrays
+        num_tokens, num_reqs = step.num_tokens, step.num_reqs
         if num_tokens > self.buffers.max_tokens:
             raise ValueError(f"step of {num_tokens} tokens exceeds max_num_batched_tokens={self.buffers.max_tokens}")
-        ends = np.cumsum(query_lens)
-        sample_rows = [i for i, r in enumerate(scheduled) if r.needs_sample]
-        rows = np.arange(num_tokens) if all_tokens else ends[sample_rows] - 1
-        choice = self.dispatcher.choose(num_tokens, len(scheduled), max(query_lens) == 1)
+        choice = self.dispatcher.choose(num_tokens, num_reqs, num_tokens == num_reqs)
         with torch.inference_mode():
             if choice.kind == "full":
-                logits = self._replay_full(scheduled, choice.size)                     # [B, V]
-                return logits[torch.as_tensor(rows, device=self.device)] if len(rows) < len(scheduled) else \
-                    logits[: len(scheduled)]
-            ids = np.fromiter(chain.from_iterable(r.token_ids for r in scheduled), dtype=np.int32, count=num_tokens)
-            positions = np.concatenate([np.arange(r.num_computed_tokens, r.num_computed_tokens + n, dtype=np.int32)
-                                        for r, n in zip(scheduled, query_lens)])
-            inputs = torch.from_numpy(np.concatenate([ids, positions, rows.astype(np.int32)])).to(self.device)
+                logits = self._replay_full(step, choice.size)                            # [B, V]
+                rows = step.logits_indices
+                return logits[torch.from_numpy(rows.astype(np.int64)).to(self.device)] if len(rows) < num_reqs \
+                    else logits[:num_reqs]
+            ids, positions, rows, metadata = upload_step(self._staging, step, self.attention)
             buf = self.buffers.sized(num_tokens)
-            buf.input_ids.copy_(inputs[:num_tokens])
-            buf.positions.copy_(inputs[num_tokens: 2 * num_tokens])
-            metadata = self.attention.build_metadata(
-                query_lens, [r.num_computed_tokens for r in scheduled], [r.block_table for r in scheduled],
-                list(chain.from_iterable(r.slot_mapping for r in scheduled)), self.device)
+            buf.input_ids.copy_(ids)
+            buf.positions.copy_(positions)
             runner = None
             if choice.kind == "piecewise":
                 graphs = self._piece_graphs[choice.size]
                 runner = lambda i, _buf: graphs[i].replay()                             # noqa: E731
-            return self.model.forward(buf, self.kv_caches, metadata, inputs[2 * num_tokens:], runner)  # [N, V]
+            return self.model.forward(buf, self.kv_caches, metadata, rows, runner)      # [N, V]
 
-    def _replay_full(self, scheduled, batch: int) -> torch.Tensor:
+    def _replay_full(self, step: StepInputs, batch: int) -> torch.Tensor:
         """Fill the static inputs of the ``batch`` graph with this decode step and replay it; ``[B, V]``."""
-        n = len(scheduled)
-        width = max(len(r.block_table) for r in scheduled)
+        n = step.num_reqs
+        width = max(1, int(step.num_blocks.max()))
         s = self._static_buffers()
         if width > s["block_tables"].shape[1]:
             raise ValueError(f"block table of {width} blocks exceeds max_model_len={self.max_model_len}")
-        host = np.zeros(4 * batch + n * width, dtype=np.int32)
-        host[2 * batch: 3 * batch] = -1                                                 # padded slots: skipped
-        for i, r in enumerate(scheduled):
-            host[i] = r.token_ids[0]
-            host[batch + i] = r.num_computed_tokens
-            host[2 * batch + i] = r.slot_mapping[0]
-            host[3 * batch + i] = r.num_computed_tokens + 1
-            host[4 * batch + i * width: 4 * batch + i * width + len(r.block_table)] = r.block_table
-        dev = torch.from_numpy(host).to(self.device, non_blocking=False)
+        ids, positions, slots, context_lens, tables = upload_full_step(self._staging, step, batch)
         buf = self.buffers.sized(batch)
-        buf.input_ids.copy_(dev[:batch])
-        buf.positions.copy_(dev[batch: 2 * batch])
-        s["slot_mapping"][:batch].copy_(dev[2 * batch: 3 * batch])
-        s["context_lens"][:batch].copy_(dev[3 * batch: 4 * batch])
-        s["block_tables"][:n, :width].copy_(dev[4 * batch:].view(n, width))
+        buf.input_ids.copy_(ids)
+        buf.positions.copy_(positions)
+        s["slot_mapping"][:batch].copy_(slots)
+        s["context_lens"][:batch].copy_(context_lens)
+        s["block_tables"][:n, :width].copy_(tables)
         return self._full_graphs[batch].replay()                                       # [B, V]
 
     def shutdown(self) -> None:

@@ -26,6 +26,14 @@ CUDA graphs can capture it:
   ``full`` graphs capture all of it for decode batches. The experts run as
   grouped Triton GEMMs with no host sync (``backends.cuda.kernels.moe``), so
   MoE steps are capturable too.
+
+Projections loaded packed (``QuantWeight``: the backend keeps 4- and 8-bit
+checkpoints quantized) run through the W4A16/W8A16 Triton GEMM
+(``backends.cuda.kernels.quant_matmul``) at decode and prefill alike, into
+the same buffers and with no host sync; a packed embedding is looked up by
+gathering the step's rows of codes, scales and biases and dequantizing them
+to the model dtype. ``warm_up_kernels`` compiles every GEMM tile variant and
+both MoE block heights, so no request waits for a compile.
 """
 
 from __future__ import annotations
@@ -36,12 +44,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from backends.cuda.kernels.moe import fused_moe
+from backends.cuda.kernels.moe import block_m_for, fused_moe, grouped_gemm
+from backends.cuda.kernels.quant_matmul import CONFIGS, choose_config, dequantize_weight, quant_matmul
 from backends.cuda.kernels.rms_norm import rms_norm
 from backends.cuda.kernels.rotary import rotary_embedding
 from backends.torch_model.model import ACTIVATIONS, rms_norm as torch_rms_norm, softcap
 from backends.torch_model.rope import rotary_cos_sin, rotary_for
-from backends.torch_model.weights import LayerWeights, ModelWeights
+from backends.torch_model.weights import LayerWeights, ModelWeights, QuantWeight
 from model.config import ModelConfig
 
 
@@ -86,9 +95,15 @@ class StepBuffers:
         return StepBuffers(**{f.name: getattr(self, f.name)[:num_tokens] for f in fields(self)})
 
 
-def _mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+def _mm(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None,
         out: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` (``w`` is ``[out, in]``), optionally into ``out``: every projection's one GEMM helper."""
+    """``F.linear`` (``w`` is ``[out, in]``), optionally into ``out``: every projection's one GEMM helper.
+
+    A packed ``w`` runs the quantized GEMM (its bias added in place after it).
+    """
+    if isinstance(w, QuantWeight):
+        out = quant_matmul(x.contiguous(), w.codes, w.scales, w.biases, w.bits, w.group_size, out=out)
+        return out if bias is None else out.add_(bias)
     if out is None:
         return F.linear(x, w, bias)
     if bias is None:
@@ -137,7 +152,7 @@ class CUDAModel:
     def _pre_attention(self, i: int, buf: StepBuffers) -> None:
         w = self.weights.layers[i]
         if i == 0:
-            torch.index_select(self.weights.embed, 0, buf.input_ids, out=buf.residual)   # [T, hidden]
+            self._embed(buf)                                                            # [T, hidden]
             if self.embed_scale is not None:
                 buf.residual.mul_(self.embed_scale)
             h = rms_norm(buf.residual, w.input_norm, self.eps)                          # [T, hidden]
@@ -159,6 +174,15 @@ class CUDAModel:
         x1, x2 = rot[..., :half].clone(), rot[..., half:]                               # [T, H + Hkv, R/2] each
         rot[..., :half] = x1 * cos - x2 * sin
         rot[..., half:] = x2 * cos + x1 * sin
+
+    def _embed(self, buf: StepBuffers) -> None:
+        """The step's token embeddings into ``buf.residual`` (a packed table: gathered rows, dequantized)."""
+        embed = self.weights.embed
+        if not isinstance(embed, QuantWeight):
+            torch.index_select(embed, 0, buf.input_ids, out=buf.residual)                 # [T, hidden]
+            return
+        rows = [t.index_select(0, buf.input_ids) for t in (embed.codes, embed.scales, embed.biases)]
+        buf.residual.copy_(dequantize_weight(*rows, embed.bits, embed.group_size, self.dtype))  # [T, hidden]
 
     def _post_attention(self, i: int, buf: StepBuffers) -> None:
         w = self.weights.layers[i]
@@ -187,6 +211,42 @@ class CUDAModel:
             shared = _mm(self.act(gate) * up, w.shared_down)                            # [T, hidden]
             out = out + torch.sigmoid(_mm(h, w.shared_gate)) * shared                   # [T, hidden]
         return out
+
+    def warm_up_kernels(self, max_tokens: int) -> None:
+        """Compile every quantized-GEMM tile variant and MoE block height a step of up to ``max_tokens`` uses.
+
+        The GEMM's variants depend on the weight's layout (bits, group, scale
+        dtype, alignment of its sizes) and the tile config, which the step's
+        token count picks (``quant_matmul.choose_config``; the token count
+        itself is not specialised on): one launch per distinct weight shape
+        and layout and per reachable config. MoE's grouped GEMM
+        compiles once per block height (``moe.block_m_for``); it is launched
+        with every block marked unused, so it compiles and computes nothing.
+        """
+        packed = {}                                           # (bits, group, scale dtype, N, K) -> a weight
+        for w in [self.weights.lm_head, *(t for layer in self.weights.layers for t in vars(layer).values())]:
+            if isinstance(w, QuantWeight):
+                packed.setdefault((w.bits, w.group_size, w.scales.dtype, *w.shape), w)
+        first_of_config = {}                                  # config -> the smallest token count using it
+        for n in range(1, max_tokens + 1):
+            first_of_config.setdefault(choose_config(n), n)
+            if len(first_of_config) == len(CONFIGS):
+                break
+        for w in packed.values():
+            for n in first_of_config.values():
+                x = torch.zeros((n, w.shape[1]), dtype=self.dtype, device=self.device)      # [n, K]
+                quant_matmul(x, w.codes, w.scales, w.biases, w.bits, w.group_size)
+        for layer in self.weights.layers:
+            if layer.experts_gate_up is None:
+                continue
+            num_experts = layer.experts_gate_up.shape[0]
+            for block_m in sorted({block_m_for(1), block_m_for(1 << 20)}):
+                for w in (layer.experts_gate_up, layer.experts_down):
+                    a = torch.zeros((1, w.shape[2]), dtype=self.dtype, device=self.device)
+                    rows = torch.full((block_m,), -1, dtype=torch.int32, device=self.device)
+                    unused = torch.full((1,), num_experts, dtype=torch.int32, device=self.device)
+                    grouped_gemm(a, w, rows, unused, block_m)
+            break                                             # every MoE layer has the same shapes
 
     # -- attention, rope and logits (eager in piecewise mode) -------------------
 

@@ -15,24 +15,24 @@ RoPE per layer is ``backends.metal.rope``. The mixture of experts routes in
 float32 and runs the (token, expert) pairs sorted by expert through
 ``mx.gather_mm`` (one batched GEMM over the selected experts, no host sync).
 Logits are computed only for the rows in ``logits_indices``, in float32,
-soft-capped where the family says. Every dense projection goes through
-``linear``. The forward pass only builds MLX's lazy graph; the caller
-evaluates it (logits and new caches together) once per step.
+soft-capped where the family says. Every projection goes through ``linear``
+and the token lookup through ``embedding`` (``backends.metal.weights``: dense
+or kept quantized, ``mx.quantized_matmul``). The forward pass only builds
+MLX's lazy graph; the caller evaluates it (logits and new caches together)
+once per step.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import mlx.core as mx
-import numpy as np
 
 from backends.metal.attention import KVCache, MetalAttention, MetalAttentionMetadata
 from backends.metal.rope import MLXRotary, apply_rope, rope_inv_freq
+from backends.metal.weights import LayerWeights, embedding, linear, load_weights, weight_arrays
 from model.config import ModelConfig
-from model.weights.canonical import expected_shapes
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 __all__ = ["DTYPES", "LayerWeights", "MLXLlamaModel", "apply_rope", "linear", "load_weights", "mlx_dtype",
@@ -44,111 +44,6 @@ def mlx_dtype(name: str) -> mx.Dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
-
-
-@dataclass
-class LayerWeights:
-    """One decoder layer, fused and in the model dtype (``[out, in]`` layout; norms offset)."""
-
-    input_norm: mx.array                    # [hidden]
-    qkv: mx.array                           # [(H + 2*Hkv) * D, hidden]
-    qkv_bias: mx.array | None               # [(H + 2*Hkv) * D] (attention_bias only)
-    o_proj: mx.array                        # [hidden, H * D]
-    post_norm: mx.array                     # [hidden]: the pre-MLP norm
-    gate_up: mx.array | None = None         # [2 * intermediate, hidden] (dense layers)
-    down: mx.array | None = None            # [hidden, intermediate] (dense layers)
-    q_norm: mx.array | None = None          # [D] (qk_norm)
-    k_norm: mx.array | None = None          # [D] (qk_norm)
-    attn_out_norm: mx.array | None = None   # [hidden] (sandwich_norms)
-    mlp_out_norm: mx.array | None = None    # [hidden] (sandwich_norms)
-    router: mx.array | None = None          # [E, hidden] (MoE layers)
-    experts_gate_up: mx.array | None = None  # [E, hidden, 2 * I]: transposed for gather_mm
-    experts_down: mx.array | None = None    # [E, I, hidden]: transposed for gather_mm
-    shared_gate_up: mx.array | None = None  # [2 * S, hidden] (a shared expert)
-    shared_down: mx.array | None = None     # [hidden, S]
-    shared_gate: mx.array | None = None     # [1, hidden]
-
-
-def load_weights(config: ModelConfig, weights: dict[str, np.ndarray], dtype: mx.Dtype):
-    """Check ``weights`` against the canonical shapes and fuse them into MLX arrays.
-
-    Returns ``(embed, layers, final_norm, lm_head)``; ``lm_head`` is ``embed``
-    itself when the embeddings are tied. Norm weights get the family's
-    ``norm_weight_offset`` (Gemma's ``1 + weight``) in float32 and stay float32
-    for ``norm_in_float32`` families. Raises ``ValueError`` naming the first
-    missing or mis-shaped tensor.
-    """
-    shapes = expected_shapes(config)
-    if "lm_head.weight" in weights and "lm_head.weight" not in shapes:
-        shapes = {**shapes, "lm_head.weight": (config.vocab_size, config.hidden_size)}
-    traits = config.traits
-    norm_dtype = mx.float32 if traits.norm_in_float32 else dtype
-
-    def get(name: str) -> np.ndarray:
-        if name not in weights:
-            raise ValueError(f"weight {name!r} is missing")
-        array = np.asarray(weights[name])
-        if tuple(array.shape) != shapes[name]:
-            raise ValueError(f"weight {name!r} has shape {tuple(array.shape)}, expected {shapes[name]}")
-        return array
-
-    def to_mx(*names: str, axis: int = 0, transpose: bool = False) -> mx.array:
-        arrays = [get(n) for n in names]
-        joined = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=axis)
-        if transpose:
-            joined = np.swapaxes(joined, -1, -2)
-        return mx.array(np.ascontiguousarray(joined, dtype=np.float32)).astype(dtype)
-
-    def norm(name: str) -> mx.array | None:
-        if name not in shapes:
-            return None
-        offset = np.float32(traits.norm_weight_offset)
-        return mx.array(np.asarray(get(name), dtype=np.float32) + offset).astype(norm_dtype)
-
-    layers = []
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        attn, mlp = p + "self_attn.", p + "mlp."
-        sandwich = traits.sandwich_norms
-        layer = LayerWeights(
-            input_norm=norm(p + "input_layernorm.weight"),
-            qkv=to_mx(*(f"{attn}{x}_proj.weight" for x in "qkv")),                     # [(H + 2*Hkv) * D, hidden]
-            qkv_bias=to_mx(*(f"{attn}{x}_proj.bias" for x in "qkv")) if config.attention_bias else None,
-            o_proj=to_mx(attn + "o_proj.weight"),
-            post_norm=norm(p + ("pre_feedforward_layernorm.weight" if sandwich else "post_attention_layernorm.weight")),
-            q_norm=norm(attn + "q_norm.weight"),
-            k_norm=norm(attn + "k_norm.weight"),
-            attn_out_norm=norm(p + "post_attention_layernorm.weight") if sandwich else None,
-            mlp_out_norm=norm(p + "post_feedforward_layernorm.weight"),
-        )
-        if config.is_moe_layer(i):
-            layer.router = to_mx(mlp + "gate.weight")                                     # [E, hidden]
-            layer.experts_gate_up = to_mx(mlp + "experts.gate_proj.weight", mlp + "experts.up_proj.weight",
-                                          axis=1, transpose=True)                         # [E, hidden, 2I]
-            layer.experts_down = to_mx(mlp + "experts.down_proj.weight", transpose=True)  # [E, I, hidden]
-            if config.shared_expert_intermediate_size:
-                s = mlp + "shared_expert."
-                layer.shared_gate_up = to_mx(s + "gate_proj.weight", s + "up_proj.weight")  # [2S, hidden]
-                layer.shared_down = to_mx(s + "down_proj.weight")
-                layer.shared_gate = to_mx(mlp + "shared_expert_gate.weight")              # [1, hidden]
-        else:
-            layer.gate_up = to_mx(mlp + "gate_proj.weight", mlp + "up_proj.weight")       # [2 * inter, hidden]
-            layer.down = to_mx(mlp + "down_proj.weight")
-        layers.append(layer)
-    embed = to_mx("model.embed_tokens.weight")                                            # [vocab, hidden]
-    lm_head = embed
-    if "lm_head.weight" in weights and not config.tie_word_embeddings:
-        lm_head = to_mx("lm_head.weight")                                                 # [vocab, hidden]
-    final_norm = norm("model.norm.weight")
-    mx.eval(embed, lm_head, final_norm, [[a for a in vars(layer).values() if a is not None] for layer in layers])
-    return embed, layers, final_norm, lm_head
-
-
-def linear(x: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array:
-    """``x @ w.T (+ bias)``: ``x [T, in]``, ``w [out, in]`` → ``[T, out]``."""
-    if bias is None:
-        return x @ w.T                                                                    # [T, out]
-    return mx.addmm(bias, x, w.T)                                                         # [T, out]
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
@@ -206,7 +101,7 @@ def moe(x: mx.array, w: LayerWeights, config: ModelConfig, act) -> mx.array:
 class MLXLlamaModel:
     """Decoder weights plus the forward pass for every family; holds no per-step state."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], dtype: mx.Dtype = mx.float32) -> None:
+    def __init__(self, config: ModelConfig, weights: dict, dtype: mx.Dtype = mx.float32) -> None:
         self.config = config
         self.dtype = dtype
         self.num_heads = config.num_attention_heads
@@ -226,6 +121,10 @@ class MLXLlamaModel:
         mx.eval([r.arrays() for r in self.rotaries], [] if self.embed_scale is None else self.embed_scale)
         self.attention = MetalAttention(self.num_heads, self.num_kv_heads, self.head_dim, config.attention_scale)
 
+    def weight_bytes(self) -> int:
+        """Bytes of the model's distinct weight arrays, packed ones at their packed size (a tied head once)."""
+        return sum(a.nbytes for a in weight_arrays([self.embed, self.lm_head, self.final_norm, *self.layers]))
+
     def forward(
         self,
         input_ids: mx.array,
@@ -242,7 +141,7 @@ class MLXLlamaModel:
         """
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"need one KV cache per layer ({len(self.layers)}), got {len(kv_caches)}")
-        x = self.embed[input_ids]                                                          # [T, hidden]
+        x = embedding(self.embed, input_ids, self.dtype)                                   # [T, hidden]
         if self.embed_scale is not None:
             x = x * self.embed_scale                                                       # [T, hidden]
         new_caches = []

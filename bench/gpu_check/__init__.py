@@ -13,6 +13,8 @@ limit still says what it measured):
     1x32k, 8x8k, 64x2k, 256x1k (each past the 60 MB L2; launches replayed
     from a CUDA graph so Python does not dominate);
 (c) prefill-attention TFLOP/s;
+(i) the W4A16/W8A16 GEMM's bandwidth at 8B decode shapes against the HBM
+    peak and against bf16 ``torch.mm`` (``quant``);
 (g) ``pagedgen serve --backend cuda`` answering a streamed Generate through
     the real client (a tiny random Llama directory built on the box);
 then, on a Llama-3.1-8B-shaped model with random bf16 weights built on the
@@ -22,11 +24,14 @@ GPU (transformers' own model, whose tensors the backend shares), for each
 (e) teacher-forced logits against Hugging Face transformers and against
     mode ``none`` (top-1 agreement and max abs logit difference);
 (f) offline throughput of 256 requests through the engine against HF
-    ``generate()`` on the same GPU (``bench.hf_baseline``);
+    ``generate()`` on the same GPU (``bench.hf_baseline``); once more, in
+    ``plan.quant_mode``, with the projections and LM head quantized to 4
+    bits on the GPU (``quant.quantize_model``), against the bf16 run;
 (h) peak GPU memory against the budget ``--gpu-memory-utilization`` set.
 
 Modules: ``plan`` (sizes of quick / full / dry-run), ``report`` (log lines,
 summary, JSON), ``models`` (the random models), ``kernels`` (a-c),
-``serving`` (g), ``modes`` (d-f, h). The check runs from a checkout: it
-runs the test suite and builds its tokenizer with ``tests.factories``.
+``quant`` (i, the 4-bit weights), ``serving`` (g), ``modes`` (d-f, h). The
+check runs from a checkout: it runs the test suite and builds its tokenizer
+with ``tests.factories``.
 """

@@ -1,9 +1,11 @@
 """``python -m bench.gpu_check [--quick | --dry-run] [--skip LETTER]``: run the GPU check's sections in order.
 
-Order: (a) tests, (b) decode bandwidth, (c) prefill, (g) serve (cheap, and
-independent of the 8B model), then the 8B-shaped model: the HF reference and
-baseline, then (d) (e) (f) (h) for each graph mode. A section that would not
-fit in the time left is skipped with a SUMMARY line saying so.
+Order: (a) tests, (b) decode bandwidth, (c) prefill, (i) quantized GEMM
+bandwidth, (g) serve (cheap, and independent of the 8B model), then the
+8B-shaped model: the HF reference and baseline, then (d) (e) (f) (h) for
+each graph mode, then (f) once more with 4-bit weights in ``plan.quant_mode``.
+A section that would not fit in the time left is skipped with a SUMMARY line
+saying so.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu_check import kernels, modes, models, serving
+from bench.gpu_check import kernels, modes, models, quant, serving
 from bench.gpu_check.plan import DRY_RUN, FULL, QUICK, CheckPlan
 from bench.gpu_check.report import Report, SectionResult, say
 
 # about how long each part takes on an H200 (first Triton compiles included): below this, it is skipped
-NEEDS_S = {"b": 30, "c": 15, "g": 45, "model": 60, "none": 45, "piecewise": 90, "full": 60}
+NEEDS_S = {"b": 30, "c": 15, "i": 20, "g": 45, "model": 60, "none": 45, "piecewise": 90, "full": 60, "quant": 75}
 
 
 def versions() -> dict:
@@ -63,7 +65,7 @@ def run_modes(plan: CheckPlan, report: Report, work_dir: Path, skip: set[str]) -
                         NEEDS_S["model"])
     if result.status != "ok":
         return
-    model, work, reference = holder["model"], holder["work"], {}
+    model, work, reference, tokens_per_s = holder["model"], holder["work"], {}, {}
     for mode in plan.modes:
         if report.remaining_s() < NEEDS_S[mode]:
             report.add(SectionResult("d", f"start-up and capture, {mode}", "skipped", 0.0,
@@ -84,11 +86,17 @@ def run_modes(plan: CheckPlan, report: Report, work_dir: Path, skip: set[str]) -
                 report.run("e", f"logits vs HF transformers, {mode}", lambda: modes.parity_figures(
                     plan, engine, work, reference))
             if "f" not in skip:
-                report.run("f", f"offline throughput, {mode}", lambda: modes.throughput_figures(plan, engine, work))
+                result = report.run("f", f"offline throughput, {mode}",
+                                    lambda: modes.throughput_figures(plan, engine, work))
+                tokens_per_s[mode] = result.figures.get("output_tokens_per_s")
             report.run("h", f"GPU memory vs budget, {mode}", lambda: modes.memory_figures(plan, engine))
         finally:
             modes.stop_engine(engine)                 # frees the KV cache and graphs before the next mode
             engine_box.clear()
+    if plan.quant_mode is not None and "f" not in skip:
+        report.run("f", f"offline throughput, 4-bit weights, {plan.quant_mode}",
+                   lambda: modes.quantized_throughput_figures(plan, model, work, tokens_per_s.get(plan.quant_mode)),
+                   NEEDS_S["quant"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--quick", action="store_true", help="fewer cases and modes (about 4 minutes on an H200)")
     group.add_argument("--dry-run", action="store_true",
                        help="toy sizes on the CPU under TRITON_INTERPRET=1: imports and sets up every section")
-    parser.add_argument("--skip", action="append", default=[], choices=list("abcdefgh"),
+    parser.add_argument("--skip", action="append", default=[], choices=list("abcdefghi"),
                         help="skip a section (repeatable; d skips the 8B model altogether)")
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
                         help="folder for gpu_check.json (default: $OUT when set)")
@@ -123,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             report.run("b", "decode attention bandwidth", lambda: kernels.decode_bandwidth(plan), NEEDS_S["b"])
         if "c" not in skip:
             report.run("c", "prefill attention TFLOP/s", lambda: kernels.prefill_tflops(plan), NEEDS_S["c"])
+        if "i" not in skip:
+            report.run("i", "quantized GEMM bandwidth (W4A16 / W8A16, 8B decode shapes)",
+                       lambda: quant.gemm_bandwidth(plan), NEEDS_S["i"])
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

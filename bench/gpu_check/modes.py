@@ -66,8 +66,11 @@ def prepare(plan: CheckPlan, model: RandomModel) -> Workload:
     return Workload(ids, hf_logits, requests, hf["output_tokens_per_s"])
 
 
-def start_engine(plan: CheckPlan, model: RandomModel, mode: str):
-    """``(engine, start-up seconds)``: the engine over a ``CUDABackend`` of ``mode`` on the shared tensors."""
+def start_engine(plan: CheckPlan, model: RandomModel, mode: str, weights=None):
+    """``(engine, start-up seconds)``: the engine over a ``CUDABackend`` of ``mode`` on the shared tensors.
+
+    ``weights``: a ``ModelWeights`` in place of the model's own (the 4-bit copy of (f)).
+    """
     from backends.cuda.backend import CUDABackend
     from engine.args import EngineArgs
     from engine.llm_engine import LLMEngine
@@ -77,7 +80,7 @@ def start_engine(plan: CheckPlan, model: RandomModel, mode: str):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    backend = CUDABackend(model.config, model.weights, dtype=plan.dtype, cuda_graph_mode=mode,
+    backend = CUDABackend(model.config, weights or model.weights, dtype=plan.dtype, cuda_graph_mode=mode,
                           gpu_memory_utilization=plan.gpu_memory_utilization, max_num_seqs=plan.max_num_seqs,
                           max_num_batched_tokens=plan.max_num_batched_tokens, max_model_len=plan.max_model_len,
                           device=plan.device)
@@ -169,6 +172,38 @@ def throughput_figures(plan: CheckPlan, engine, work: Workload) -> tuple[str, di
     figures["vs_hf"] = round(tps / work.hf_tokens_per_s, 2) if work.hf_tokens_per_s else None
     return (f"{result['requests']} requests, {result['output_tokens']} output tokens in {result['elapsed_s']:.1f} s = "
             f"{tps:.0f} tok/s{vs}; {result['steps']} steps, {result['num_preemptions']} preemptions"), figures
+
+
+def quantized_throughput_figures(plan: CheckPlan, model: RandomModel, work: Workload,
+                                 dense_tokens_per_s: float | None) -> tuple[str, dict]:
+    """(f) The same requests with the projections and LM head in 4 bits (``quant.quantize_model``).
+
+    Compared with ``dense_tokens_per_s``, the same mode's (f) run on the
+    model's own weights (bf16 on a GPU).
+    """
+    from bench.gpu_check.quant import quantize_model
+
+    t0 = time.perf_counter()
+    weights = quantize_model(model.weights, 4, plan.quant_group)
+    quantize_s = time.perf_counter() - t0
+    packed = sum(w.nbytes for w in [weights.lm_head, *(getattr(layer, n) for layer in weights.layers
+                                                       for n in ("qkv", "o_proj", "gate_up", "down"))])
+    dense = sum(w.numel() * w.element_size() for w in [model.weights.lm_head, *(
+        getattr(layer, n) for layer in model.weights.layers for n in ("qkv", "o_proj", "gate_up", "down"))])
+    engine, startup_s = start_engine(plan, model, plan.quant_mode, weights)
+    try:
+        text, figures = throughput_figures(plan, engine, work)
+    finally:
+        stop_engine(engine)
+        del weights
+    tps = figures["output_tokens_per_s"]
+    figures.update(quantize_s=round(quantize_s, 1), startup_s=round(startup_s, 1), packed_bytes=packed,
+                   dense_bytes=dense, dense_tokens_per_s=dense_tokens_per_s,
+                   vs_dense=round(tps / dense_tokens_per_s, 2) if dense_tokens_per_s else None)
+    vs = f"{tps / dense_tokens_per_s:.2f}x the {plan.dtype} run ({dense_tokens_per_s:.0f} tok/s)" \
+        if dense_tokens_per_s else f"no {plan.dtype} run to compare"
+    return (f"W4A16 g{plan.quant_group} ({packed / 2**30:.2f} GiB of projections vs {dense / 2**30:.2f} GiB "
+            f"{plan.dtype}, quantized in {quantize_s:.1f} s): {vs}; {text}"), figures
 
 
 def memory_figures(plan: CheckPlan, engine) -> tuple[str, dict]:

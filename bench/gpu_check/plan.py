@@ -18,7 +18,12 @@ class CheckPlan:
     attention_heads: tuple[int, int, int]         # (query heads, KV heads, head_dim) of (b) and (c)
     decode_cases: tuple[tuple[int, int], ...]     # (batch, context) of (b)
     prefill_cases: tuple[tuple[int, int], ...]    # (requests, prompt length) of (c)
-    timed_iters: int                              # launches per timing in (b) and (c)
+    timed_iters: int                              # launches per timing in (b), (c) and (i)
+    quant_bits: tuple[int, ...]                   # (i): code widths timed
+    quant_shapes: tuple[tuple[int, int], ...]     # (i): weight shapes N x K
+    quant_tokens: tuple[int, ...]                 # (i): rows of activations (decode batch sizes)
+    quant_group: int                              # (i) and the 4-bit run of (f): values per scale
+    quant_mode: str | None                        # (f): graph mode of the 4-bit-weight run (None: none)
     model: str                                    # "llama-3.1-8b" or "tiny" (models.SPECS)
     modes: tuple[str, ...]                        # cuda_graph_mode values of (d)-(h)
     parity_requests: int                          # (e): sequences
@@ -46,6 +51,8 @@ class CheckPlan:
             raise ValueError("hf_requests must be <= num_requests and lengths >= 1")
         if self.parity_prompt_len + self.parity_decode_steps > self.max_model_len:
             raise ValueError("parity sequences must fit max_model_len")
+        if self.quant_mode is not None and self.quant_mode not in self.modes:
+            raise ValueError(f"quant_mode {self.quant_mode!r} must be one of the modes {self.modes}")
 
 
 FULL = CheckPlan(
@@ -54,6 +61,8 @@ FULL = CheckPlan(
     attention_heads=(32, 8, 128),
     decode_cases=((1, 32768), (8, 8192), (64, 2048), (256, 1024)),
     prefill_cases=((8, 1024), (4, 4096), (1, 16384)), timed_iters=10,
+    quant_bits=(4, 8), quant_shapes=((6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336)),
+    quant_tokens=(1, 4, 16), quant_group=32, quant_mode="full",
     model="llama-3.1-8b", modes=("none", "piecewise", "full"),
     parity_requests=4, parity_prompt_len=64, parity_decode_steps=16,
     num_requests=256, prompt_lens=(128, 512), output_lens=(128, 256), hf_requests=128, hf_batch_size=64,
@@ -64,7 +73,7 @@ FULL = CheckPlan(
 QUICK = replace(
     FULL, name="quick", time_limit_s=230.0,
     test_args=("-m", "not slow", "--ignore=tests/backends/cuda/test_aot_compile.py"), test_timeout_s=75.0,
-    decode_cases=((1, 32768), (64, 2048)), prefill_cases=((4, 4096),),
+    decode_cases=((1, 32768), (64, 2048)), prefill_cases=((4, 4096),), quant_tokens=(1, 16),
     modes=("none", "full"), num_requests=256, output_lens=(64, 128), hf_requests=64,
 )
 
@@ -72,6 +81,7 @@ DRY_RUN = CheckPlan(
     name="dry-run", device="cpu", dtype="float32", time_limit_s=900.0,
     test_args=("--collect-only", "-q"), test_timeout_s=240.0,
     attention_heads=(4, 2, 16), decode_cases=((2, 64),), prefill_cases=((1, 32),), timed_iters=1,
+    quant_bits=(4,), quant_shapes=((96, 64),), quant_tokens=(1, 3), quant_group=32, quant_mode="full",
     model="tiny", modes=("none", "piecewise", "full"),
     parity_requests=2, parity_prompt_len=12, parity_decode_steps=2,
     num_requests=3, prompt_lens=(4, 8), output_lens=(2, 3), hf_requests=2, hf_batch_size=2,

@@ -109,12 +109,13 @@ class ModelInfo:
     dtype: str
     architecture: str = ""                      # the model family, e.g. "qwen3" ("" from older servers)
     loaded_model: str = ""                      # the loaded model's own name; ``model`` is the served name
+    weight_format: str = ""                     # dense dtype or kept quantized formats, e.g. "Q4_1+Q8_0" ("" from older servers)
 
     @classmethod
     def from_pb(cls, msg: pb.ModelInfoResponse) -> "ModelInfo":
         return cls(msg.model, msg.max_model_len, msg.vocab_size, tuple(msg.eos_token_ids),
                    msg.block_size, msg.num_kv_blocks, msg.backend, msg.dtype, msg.architecture,
-                   msg.loaded_model or msg.model)
+                   msg.loaded_model or msg.model, msg.weight_format)
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,15 @@ class Stats:
     prefix_cache_hits: int                      # prompt tokens found
     num_waiting_prompt_tokens: int = 0          # tokens the waiting requests still have to prefill
     num_running_tokens: int = 0                 # tokens the running requests hold (prompt plus output)
+    device_memory_active_bytes: int = 0         # the backend's device allocator, bytes held now (0: not reported)
+    device_memory_peak_bytes: int = 0           # its peak since start
 
     @classmethod
     def from_pb(cls, msg: pb.GetStatsResponse) -> "Stats":
         return cls(msg.num_running, msg.num_waiting, msg.kv_blocks_total, msg.kv_blocks_free,
                    msg.num_preemptions, msg.prefix_cache_queries, msg.prefix_cache_hits,
-                   msg.num_waiting_prompt_tokens, msg.num_running_tokens)
+                   msg.num_waiting_prompt_tokens, msg.num_running_tokens, msg.device_memory_active_bytes,
+                   msg.device_memory_peak_bytes)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,13 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 def read_header(path: Path) -> tuple[dict, int]:
     """Return ``(header without __metadata__, byte offset where tensor data starts)``."""
+    header, data_start = read_full_header(path)
+    header.pop("__metadata__", None)
+    return header, data_start
+
+
+def read_full_header(path: Path) -> tuple[dict, int]:
+    """``read_header`` with the ``__metadata__`` entry (str -> str) kept, where the file has one."""
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) != 8:
@@ -36,7 +43,6 @@ def read_header(path: Path) -> tuple[dict, int]:
         if header_len > _MAX_HEADER_BYTES:
             raise ValueError(f"{path} is not a safetensors file (header length {header_len} is implausible)")
         header = json.loads(f.read(header_len))
-    header.pop("__metadata__", None)
     return header, 8 + header_len
 
 

@@ -31,7 +31,8 @@ NON_DEFAULT = EngineArgs(model="m.gguf", backend="cpu", dtype="bfloat16", kv_cac
                          num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=512, max_model_len=1024,
                          block_size=32, seed=7, enable_prefix_caching=False, max_queue=4, max_prompt_tokens=100,
                          num_threads=2, tensor_parallel_size=3, gpu_memory_utilization=0.5,
-                         cuda_graph_mode="piecewise", scheduling_policy="priority", default_time_limit_ms=5000)
+                         cuda_graph_mode="piecewise", scheduling_policy="priority", default_time_limit_ms=5000,
+                         quantization="none")
 
 
 def _parser(exclude=()) -> argparse.ArgumentParser:
@@ -115,16 +116,18 @@ def _weights() -> dict[str, np.ndarray]:
     return {n: rng.normal(0, 0.1, s).astype(np.float32) for n, s in expected_shapes(TINY).items()}
 
 
-@pytest.mark.parametrize("name", ["cpu", "metal"])
-def test_auto_dtype_is_float32_on_cpu_and_metal_and_explicit_dtypes_stay(name):
+@pytest.mark.parametrize(("name", "auto_dtype", "explicit_dtype"),
+                         [("cpu", "float32", "bfloat16"), ("metal", "bfloat16", "float32")])
+def test_auto_dtype_is_float32_on_cpu_bfloat16_on_metal_and_explicit_dtypes_stay(name, auto_dtype, explicit_dtype):
     if name == "metal":
         pytest.importorskip("mlx.core")
     auto = create_backend(name, TINY, _weights(), BackendOptions(num_threads=1))
-    explicit = create_backend(name, TINY, _weights(), BackendOptions(dtype="bfloat16", num_threads=1))
+    explicit = create_backend(name, TINY, _weights(), BackendOptions(dtype=explicit_dtype, num_threads=1))
     try:
         assert isinstance(auto, Backend) and auto.name == name
-        assert (auto.dtype, explicit.dtype) == ("float32", "bfloat16")
-        assert explicit.kv_block_bytes(16) == auto.kv_block_bytes(16) // 2
+        assert (auto.dtype, explicit.dtype) == (auto_dtype, explicit_dtype)
+        half, full = (explicit, auto) if auto_dtype == "float32" else (auto, explicit)
+        assert half.kv_block_bytes(16) == full.kv_block_bytes(16) // 2
     finally:
         auto.shutdown()
         explicit.shutdown()

@@ -13,6 +13,7 @@ frame. A spill means a variant runs from local memory: the check fails on it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
 import time
@@ -46,8 +47,9 @@ class CompiledVariant:
         return self.spill_stores > 0 or self.spill_loads > 0
 
 
+@functools.lru_cache(maxsize=None)
 def jit_function(kernel):
-    """The ``JITFunction`` behind ``kernel`` (rebuilt from the source under ``TRITON_INTERPRET=1``)."""
+    """The ``JITFunction`` behind ``kernel`` (rebuilt from the source under ``TRITON_INTERPRET=1``, once)."""
     from triton.runtime.jit import JITFunction
 
     if isinstance(kernel, JITFunction):
@@ -90,6 +92,13 @@ def signature(launch: KernelLaunch) -> tuple[object, dict, dict, dict]:
     if next(args, None) is not None:
         raise ValueError(f"{fn.__name__}: more arguments than parameters")
     return fn, sig, constexprs, attrs
+
+
+def variant_key(launch: KernelLaunch) -> tuple:
+    """What makes a compiled form: kernel, argument types and specialisations, constexprs, warps and stages."""
+    fn, sig, constexprs, attrs = signature(launch)
+    return (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())), tuple(sorted(attrs)),
+            tuple(launch.meta.get(k) for k in LAUNCH_OPTIONS))
 
 
 _REGISTERS = re.compile(r"Used (\d+) registers")

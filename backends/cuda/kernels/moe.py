@@ -14,6 +14,8 @@ with its expert's weight: ``gate_up`` over the tokens' rows, then (after the
 activation) ``down`` over the padded rows. The weighted pair rows are summed
 per token in ascending expert order, as transformers does.
 ``backends.torch_model.moe.moe_forward`` is the reference.
+``grouped_gemm_launch`` is the GEMM's launch without running it (for
+``kernels.variants``: two shapes, gate_up and down, per block height).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.cuda.kernels.launch import KernelLaunch
 from model.config import ModelConfig
 
 BLOCK_N = 64
@@ -67,16 +70,23 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, a_rows: torch.Tensor, block_e
     padding row, zero), ``block_expert`` ``[R / block_m]`` int32 (E: unused
     block, left unwritten). Returns ``[R, N]`` in ``a.dtype``.
     """
-    num_experts, n, k = w.shape
     if a.stride(1) != 1 or w.stride(2) != 1:
         raise ValueError("a and w need a contiguous last dim")
-    out = torch.empty((a_rows.shape[0], n), dtype=a.dtype, device=a.device)         # [R, N]
-    dot_fp32 = a.dtype == torch.float32 or (a.device.type == "cpu" and a.dtype == torch.bfloat16)
-    _grouped_gemm_kernel[(block_expert.shape[0], triton.cdiv(n, BLOCK_N))](
-        a, w, out, a_rows, block_expert, num_experts, n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_FP32=dot_fp32, num_warps=4,
-    )
+    out = torch.empty((a_rows.shape[0], w.shape[1]), dtype=a.dtype, device=a.device)  # [R, N]
+    grouped_gemm_launch(a, w, out, a_rows, block_expert, block_m).run()
     return out
+
+
+def grouped_gemm_launch(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, a_rows: torch.Tensor,
+                        block_expert: torch.Tensor, block_m: int) -> KernelLaunch:
+    """``grouped_gemm``'s launch into ``out`` ``[R, N]``: programs over (row blocks, N tiles)."""
+    num_experts, n, k = w.shape
+    dot_fp32 = a.dtype == torch.float32 or (a.device.type == "cpu" and a.dtype == torch.bfloat16)
+    return KernelLaunch(
+        _grouped_gemm_kernel, (block_expert.shape[0], triton.cdiv(n, BLOCK_N)),
+        (a, w, out, a_rows, block_expert, num_experts, n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0)),
+        dict(BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_FP32=dot_fp32, num_warps=4),
+    )
 
 
 def block_m_for(num_pairs: int) -> int:

@@ -26,8 +26,11 @@ is masked), nor need ``M`` or ``N`` be multiples of their tiles.
 The launcher allocates only ``out`` (none when given), reads only shapes on
 the host and never synchronizes, so it can be captured in a CUDA graph.
 ``quant_matmul_launch`` is its launch without running it, for
-``kernels.variants`` (ahead-of-time compile checks); ``CONFIGS`` lists the
-tile variants, all spill-free on sm_90a (at most 168 registers) for 4 and 8
+``kernels.variants`` (ahead-of-time compile checks). The kernel does not
+specialise on ``M``, so each tile config compiles once per weight layout
+whatever the batch (start-up compiles them all:
+``CUDAModel.warm_up_kernels``). ``CONFIGS`` lists the tile variants, all
+spill-free on sm_90a (at most 168 registers) for 4 and 8
 bits, groups 32, 64 and 128, float16/bfloat16 activations and
 float16/bfloat16/float32 scales.
 """
@@ -82,7 +85,7 @@ def choose_config(num_tokens: int) -> QuantMatmulConfig:
     return PREFILL_CONFIG
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])     # one compiled form for every token count (M = 1 included)
 def _quant_matmul_kernel(
     x_ptr, codes_ptr, scales_ptr, biases_ptr, out_ptr,
     M, N, K,

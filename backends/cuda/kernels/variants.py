@@ -17,11 +17,21 @@ variant                    launched by
 ``attention decode sN``    decode-only steps with N KV splits
 ``merge_splits sN``        the same steps' merge, N > 1
 ``attention prefill``      any step with a chunk longer than one token
+``qmm w4g32 fp16 decode``  a projection kept packed (``quant``: bits, group,
+                           scale dtype) at each GEMM tile config (decode /
+                           small / prefill); a projection whose sizes
+                           specialise differently gets its own entry
+``moe m16 gate_up``        the grouped expert GEMMs (MoE models) per block
+                           height (16 and 64 rows) and shape
 =========================  ===================================================
+
+Soft-capped models (Gemma 2: ``softcap``) launch the ``SOFTCAP`` forms of
+every attention variant instead.
 
 The ahead-of-time compile check (``kernels.aot``, ``scripts/kernel_report.py``)
 compiles each of them for sm_90a without a GPU; the backend's start-up
-warm-up (``TritonAttention.warmup_metadata``) launches the attention ones.
+warm-up launches them all (``TritonAttention.warmup_metadata`` steps, then
+``CUDAModel.warm_up_kernels`` for the GEMM configs and MoE heights).
 """
 
 from __future__ import annotations
@@ -30,9 +40,13 @@ from dataclasses import dataclass
 
 import torch
 
+from backends.cuda.kernels.aot import variant_key
 from backends.cuda.kernels.launch import KernelLaunch
 from backends.cuda.kernels.merge_splits import merge_splits_launch
+from backends.cuda.kernels.moe import block_m_for, grouped_gemm_launch
 from backends.cuda.kernels.paged_attention import paged_attention_launch, plan_attention, split_buffers
+from backends.cuda.kernels.quant_matmul import (DECODE_CONFIG, PREFILL_CONFIG, SMALL_BATCH_CONFIG,
+                                                quant_matmul_launch)
 from backends.cuda.kernels.reshape_and_cache import reshape_and_cache_launch
 from backends.cuda.kernels.rms_norm import rms_norm_launch
 from backends.cuda.kernels.rotary import rotary_launch
@@ -51,6 +65,11 @@ class KernelShapes:
     block_n: int = 64                     # keys per attention tile (TritonAttention.block_n)
     split_counts: tuple[int, ...] = (1,)  # KV split counts decode steps use (TritonAttention.split_counts)
     softcap: bool = False                 # attention scores soft-capped (Gemma 2): the SOFTCAP variants
+    quant: tuple[tuple[int, int, torch.dtype], ...] = ()   # (bits, group, scale dtype) of packed projections
+    intermediate_size: int = 0            # dense MLP width (the packed gate_up / down; 0: none packed)
+    vocab_size: int = 0                   # the packed LM head's rows (0: not packed)
+    num_experts: int = 0                  # MoE: experts per layer (0: dense)
+    moe_intermediate_size: int = 0        # MoE: each expert's MLP width
 
     def __post_init__(self) -> None:
         if min(self.num_heads, self.num_kv_heads, self.head_dim, self.hidden_size, self.block_size) < 1:
@@ -111,4 +130,59 @@ def kernel_variants(shapes: KernelShapes, num_tokens: int = 3) -> list[KernelVar
         if merge is not None:
             variants.append(KernelVariant(f"merge_splits s{splits}", merge))
     variants.append(KernelVariant("attention prefill", attention([t], 1)[0]))
-    return variants
+    return variants + quant_variants(s, t) + moe_variants(s)
+
+
+QUANT_CONFIG_NAMES = {DECODE_CONFIG: "decode", SMALL_BATCH_CONFIG: "small", PREFILL_CONFIG: "prefill"}
+SCALE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _distinct(named_launches: list[tuple[str, str, KernelLaunch]]) -> list[KernelVariant]:
+    """One variant per distinct compiled form, named ``base`` (plus the part's name after the first form)."""
+    seen, bases, out = set(), set(), []
+    for base, part, launch in named_launches:
+        key = variant_key(launch)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(KernelVariant(base if base not in bases else f"{base} {part}", launch))
+        bases.add(base)
+    return out
+
+
+def quant_variants(s: KernelShapes, num_tokens: int) -> list[KernelVariant]:
+    """The W4A16/W8A16 GEMM per packed layout, tile config and distinct projection shape (CUDAModel._mm)."""
+    h, hkv, d, hidden = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size
+    projections = {"qkv": ((h + 2 * hkv) * d, hidden), "o_proj": (hidden, h * d)}
+    if s.intermediate_size:
+        projections.update(gate_up=(2 * s.intermediate_size, hidden), down=(hidden, s.intermediate_size))
+    if s.vocab_size:
+        projections["lm_head"] = (s.vocab_size, hidden)
+    launches = []
+    for bits, group, scale_dtype in s.quant:
+        for config, config_name in QUANT_CONFIG_NAMES.items():
+            base = f"qmm w{bits}g{group} {SCALE_NAMES[scale_dtype]} {config_name}"
+            for part, (n, k) in projections.items():
+                x = torch.empty((num_tokens, k), dtype=s.dtype, device="meta")                 # [T, K]
+                codes = torch.empty((n, k * bits // 32), dtype=torch.int32, device="meta")     # [N, K * bits / 32]
+                scales = torch.empty((n, k // group), dtype=scale_dtype, device="meta")        # [N, K / group]
+                out = torch.empty((num_tokens, n), dtype=s.dtype, device="meta")
+                launches.append((base, part, quant_matmul_launch(x, codes, scales, scales, bits, group, out, config)))
+    return _distinct(launches)
+
+
+def moe_variants(s: KernelShapes) -> list[KernelVariant]:
+    """The grouped expert GEMMs (``moe.fused_moe``): gate_up and down at each block height."""
+    if not s.num_experts:
+        return []
+    e, hidden, inter = s.num_experts, s.hidden_size, s.moe_intermediate_size
+    launches = []
+    for block_m in sorted({block_m_for(1), block_m_for(1 << 20)}):
+        rows = torch.empty(4 * block_m, dtype=torch.int32, device="meta")
+        blocks = torch.empty(4, dtype=torch.int32, device="meta")
+        for part, (n, k) in {"gate_up": (2 * inter, hidden), "down": (hidden, inter)}.items():
+            a = torch.empty((4 * block_m, k), dtype=s.dtype, device="meta")
+            w = torch.empty((e, n, k), dtype=s.dtype, device="meta")
+            out = torch.empty((4 * block_m, n), dtype=s.dtype, device="meta")
+            launches.append((f"moe m{block_m} {part}", part, grouped_gemm_launch(a, w, out, rows, blocks, block_m)))
+    return _distinct(launches)

@@ -7,9 +7,13 @@ the test. The report runs in a subprocess: triton compiles nothing for a
 GPU in a process where ``TRITON_INTERPRET=1`` was set (this directory's
 conftest sets it). Split counts of 2 and more differ only in a constant
 divisor, so the suite compiles 1, 2 and the largest (16); the script alone
-compiles every count. A recorded run of the backend checks that the list
-holds every variant it really launches (same constexprs, warps, argument
-types and specialisations).
+compiles every count. Gemma 2's shape covers the soft-capped attention
+forms; Mixtral's with packed layouts covers the quantized GEMM's tile
+configs and the MoE grouped GEMM's block heights. A recorded run of the
+backend checks that the list holds every variant it really launches (same
+constexprs, warps, argument types and specialisations;
+``test_cuda_quantized`` does the same for a quantized model, and checks
+that warm-up launched them all).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[3]
 needs_ptxas = pytest.mark.skipif(not ptxas_available(), reason="triton without the NVIDIA backend / ptxas")
 CASES = [pytest.param("llama-3.1-8b", "bfloat16", id="llama-3.1-8b-bf16"),
          pytest.param("llama-3.1-8b", "float32", id="llama-3.1-8b-fp32"),
+         pytest.param("gemma-2-9b", "bfloat16", id="gemma-2-9b-bf16-softcap"),       # SOFTCAP, head_dim 256
          pytest.param("llama-3.1-8b", "float16", id="llama-3.1-8b-fp16", marks=pytest.mark.slow),
          pytest.param("smollm2-135m", "bfloat16", id="smollm2-bf16", marks=pytest.mark.slow),
          pytest.param("smollm2-135m", "float32", id="smollm2-fp32", marks=pytest.mark.slow)]
@@ -60,6 +65,27 @@ def test_no_kernel_variant_spills_on_sm90(tmp_path, model, dtype):
     assert set(rows) == {"rms_norm", "rms_norm+residual", "rotary", "reshape_and_cache", "attention decode s1",
                          "attention decode s2", "merge_splits s2", "attention decode s16", "merge_splits s16",
                          "attention prefill"}
+    assert result.returncode == 0, result.stdout
+    assert not [r for r in rows.values() if r["spill_stores"] or r["spill_loads"]], result.stdout
+    assert all(0 < r["registers"] <= 255 for r in rows.values()), result.stdout
+
+
+# packed layouts: GGUF Q4_0/Q4_1/Q4_K (4 bits, float16 factors), Q8_0/Q5_*/Q6_K (8 bits), MLX bfloat16 checkpoints
+QUANT = ["--quant", "4:32:float16", "--quant", "8:32:float16", "--quant", "4:64:bfloat16"]
+
+
+@needs_ptxas
+@pytest.mark.parametrize("dtype, extra", [pytest.param("bfloat16", [], id="bf16"),
+                                          pytest.param("float16", ["--quant", "8:128:float32"], id="fp16",
+                                                       marks=pytest.mark.slow)])
+def test_quantized_gemm_and_moe_variants_do_not_spill_on_sm90(tmp_path, dtype, extra):
+    result, report = kernel_report(tmp_path, "--model", "mixtral-8x7b", "--dtype", dtype, *QUANT, *extra,
+                                   "--kernel", "qmm", "--kernel", "moe", "--check")
+    rows = {r["variant"]: r for r in report["variants"]}
+    layouts = ["w4g32 fp16", "w8g32 fp16", "w4g64 bf16"] + (["w8g128 fp32"] if extra else [])
+    # Mixtral's expert gate_up and down specialise alike (sizes all multiples of 16): one form per height
+    assert set(rows) == {f"qmm {q} {c}" for q in layouts for c in ("decode", "small", "prefill")} | {
+        "moe m16 gate_up", "moe m64 gate_up"}
     assert result.returncode == 0, result.stdout
     assert not [r for r in rows.values() if r["spill_stores"] or r["spill_loads"]], result.stdout
     assert all(0 < r["registers"] <= 255 for r in rows.values()), result.stdout

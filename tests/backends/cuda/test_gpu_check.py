@@ -58,7 +58,8 @@ def test_dry_run_sets_up_and_runs_every_section(tmp_path, capsys):
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = [(s["letter"], s["status"]) for s in summary["sections"]]
     assert code == 0, out
-    assert sections == [("b", "ok"), ("c", "ok"), ("e/f", "ok")] + [(x, "ok") for _ in range(3) for x in "defh"]
+    assert sections == [("b", "ok"), ("c", "ok"), ("i", "ok"), ("e/f", "ok")] + [
+        (x, "ok") for _ in range(3) for x in "defh"] + [("f", "ok")]
     assert summary["plan"] == "dry-run" and summary["triton_interpret"] == "1"
     assert out.count("SUMMARY (") == len(sections)                  # one line after every section
     parity = [s["figures"] for s in summary["sections"] if s["letter"] == "e"]
@@ -66,3 +67,25 @@ def test_dry_run_sets_up_and_runs_every_section(tmp_path, capsys):
     assert "vs_none" in parity[1] and "vs_none" in parity[2]
     full_startup = [s for s in summary["sections"] if s["letter"] == "d"][2]["figures"]
     assert full_startup["num_graphs"] == 3                           # decode batches 1, 2, 4 of max_num_seqs=4
+    gemm = next(s["figures"] for s in summary["sections"] if s["letter"] == "i")
+    assert [(c["bits"], c["n"], c["k"], c["m"]) for c in gemm["cases"]] == [(4, 96, 64, 1), (4, 96, 64, 3)]
+    quantized = summary["sections"][-1]
+    assert "4-bit" in quantized["title"] and quantized["figures"]["vs_dense"] > 0
+    assert 0 < quantized["figures"]["packed_bytes"] < quantized["figures"]["dense_bytes"] / 4   # of float32 here
+
+
+def test_gpu_quantizer_rounds_each_weight_to_its_group_grid():
+    import torch
+
+    from backends.cuda.kernels.quant_matmul import dequantize_weight
+    from bench.gpu_check.quant import quantize_weight
+
+    weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+    for bits in (4, 8):
+        q = quantize_weight(weight, bits, 32)
+        assert q.codes.dtype == torch.int32 and q.codes.shape == (48, 128 * bits // 32) and q.scales.shape == (48, 4)
+        back = dequantize_weight(q.codes, q.scales, q.biases, bits, 32, torch.float32)
+        step = q.scales.float().repeat_interleave(32, dim=1)                      # [48, 128]
+        # half a step; the top code may fall short of the max by the float16 rounding of the scale
+        assert ((back - weight).abs() <= step * (0.5 + (1 << bits) / 1024)).all()
+        assert ((back - weight).abs().max(dim=1).values > 0).all()                # really rounded

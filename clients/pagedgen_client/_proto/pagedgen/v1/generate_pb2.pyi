@@ -262,7 +262,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "max_model_len", "vocab_size", "eos_token_ids", "block_size", "num_kv_blocks", "backend", "dtype", "architecture", "loaded_model")
+    __slots__ = ("model", "max_model_len", "vocab_size", "eos_token_ids", "block_size", "num_kv_blocks", "backend", "dtype", "architecture", "loaded_model", "weight_format")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +273,7 @@ class ModelInfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     LOADED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     model: str
     max_model_len: int
     vocab_size: int
@@ -283,14 +284,15 @@ class ModelInfoResponse(_message.Message):
     dtype: str
     architecture: str
     loaded_model: str
-    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., architecture: _Optional[str] = ..., loaded_model: _Optional[str] = ...) -> None: ...
+    weight_format: str
+    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., architecture: _Optional[str] = ..., loaded_model: _Optional[str] = ..., weight_format: _Optional[str] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_free", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "num_waiting_prompt_tokens", "num_running_tokens")
+    __slots__ = ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_free", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "num_waiting_prompt_tokens", "num_running_tokens", "device_memory_active_bytes", "device_memory_peak_bytes")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +302,8 @@ class GetStatsResponse(_message.Message):
     PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_ACTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     kv_blocks_total: int
@@ -309,7 +313,9 @@ class GetStatsResponse(_message.Message):
     prefix_cache_hits: int
     num_waiting_prompt_tokens: int
     num_running_tokens: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_waiting_prompt_tokens: _Optional[int] = ..., num_running_tokens: _Optional[int] = ...) -> None: ...
+    device_memory_active_bytes: int
+    device_memory_peak_bytes: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_waiting_prompt_tokens: _Optional[int] = ..., num_running_tokens: _Optional[int] = ..., device_memory_active_bytes: _Optional[int] = ..., device_memory_peak_bytes: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
