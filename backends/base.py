@@ -54,7 +54,7 @@ class BackendOptions:
     max_num_seqs: int = 256                  # cuda: the largest decode batch (graph sizes, step buffers)
     max_num_batched_tokens: int = 2048       # cuda: the most tokens in one step (step buffers, piecewise graphs)
     max_model_len: int | None = None         # cuda: the context limit the engine enforces; None: the model's
-    gpu_memory_utilization: float = 0.9      # cuda: share of GPU memory the engine may use (KV cache sized from it)
+    gpu_memory_utilization: float = 0.9      # cuda, metal: share of GPU memory the engine may use (KV cache sized from it)
     cuda_graph_mode: str = "full"            # cuda: none | piecewise | full
     tensor_parallel_size: int = 1            # ranks the model is split over; > 1 picks the device's TP backend
 
@@ -123,6 +123,14 @@ class Backend(ABC):
         default is None; the cuda backend profiles a worst-case step here.
         """
         return None
+
+    def memory_stats(self) -> dict[str, int]:
+        """The device allocator's counters in bytes: ``active`` (held now) and ``peak`` (since start).
+
+        Read by the engine's ``get_stats`` (``GetStats``, the metrics); the
+        default reports none (``{}``: the stats show 0).
+        """
+        return {}
 
     def check_health(self) -> None:
         """Raise (an ``EngineDeadError``) when this backend can no longer serve.

@@ -89,6 +89,12 @@ class EngineCollector:
                                   value=s.prefix_cache_hits)
         yield CounterMetricFamily("pagedgen_preemptions", "Requests preempted to free KV cache blocks.",
                                   value=s.num_preemptions)
+        yield GaugeMetricFamily("pagedgen_device_memory_active_bytes",
+                                "Bytes the backend's device allocator holds (0: not reported).",
+                                value=s.device_memory_active_bytes)
+        yield GaugeMetricFamily("pagedgen_device_memory_peak_bytes",
+                                "The most bytes the backend's device allocator held at once since start.",
+                                value=s.device_memory_peak_bytes)
 
 
 class ServerMetrics:

@@ -12,12 +12,19 @@ Per layer, ``MetalAttention.forward``:
    cache; MLX reuses the cache's buffer because nothing else holds it), before
    any request attends: a request may read blocks another request of the same
    step has just written (shared prefix blocks);
-2. decode requests (one new token each) attend together: one gather of their
-   padded block tables ``[n, num_blocks]`` and one masked
+2. decode requests (one new token each) attend together: one gather of the
+   slots of their padded block tables ``[n, L]`` and one masked
    ``mx.fast.scaled_dot_product_attention`` (GQA handled by MLX, K/V not tiled);
 3. every other request attends on its own: causal SDPA over its new K/V when
    nothing is cached before it, otherwise causal SDPA (lower-right aligned)
    over its gathered context.
+
+The gather (``gather_kv``) reads the cache by token slot, with the slot
+indices built once per step on the host and shared by every layer (MLX
+computes a shared lazy array once per evaluation), and writes its result
+directly in SDPA's ``[B, Hkv, L, D]`` layout, row-contiguous: the one copy a
+paged read needs without a custom kernel, where gathering whole blocks and
+swapping axes made a strided view that SDPA's vector kernel copies again.
 
 A layer's ``LayerAttention`` sets its scale, sliding window and soft-cap: a
 windowed layer gathers only the blocks its window reaches and masks the keys
@@ -28,7 +35,8 @@ computes scores, ``cap * tanh(s / cap)``, mask and softmax explicitly.
 MLX arrays are values: the cache write returns the new cache arrays, and the
 backend keeps them for the next layer and step. Everything that does not
 depend on the layer (indices, masks, the row order) is built once per step by
-``build_attention_metadata``. ``write_kv_cache`` and ``paged_attention`` have
+``metadata_from_inputs`` (from the persistent batch, ``backends.input_batch``;
+``build_attention_metadata`` from plain lists). ``write_kv_cache`` and ``paged_attention`` have
 the signatures of ``backends/cpu/attention.py``'s ``write_kv_cache_ref`` and
 ``paged_attention_ref``, which the tests compare them with.
 """
@@ -42,6 +50,7 @@ import mlx.core as mx
 import numpy as np
 
 from backends.base import StepRequest, step_requests
+from backends.input_batch import StepInputs
 from model.config import LayerAttention
 
 KVCache = tuple[mx.array, mx.array]   # (k_cache, v_cache) of one layer
@@ -52,7 +61,7 @@ class DecodeBatch:
     """All decode requests of the step (one new token each), attended together."""
 
     rows: mx.array                    # [n] int32: rows of their tokens in the flattened batch
-    block_ids: mx.array               # [n, num_blocks] int32: block tables, padded with block 0
+    slots: mx.array                   # [n, L] int32: cache slots of their keys, tables padded with block 0
     mask: mx.array                    # [n, 1, 1, num_blocks * block_size] bool: True = attend
 
 
@@ -63,7 +72,7 @@ class PrefillChunk:
     query_start: int                  # first row of its tokens in the flattened batch
     query_end: int                    # one past its last row
     context_len: int                  # cached + new tokens
-    block_ids: mx.array | None        # [num_ctx_blocks] int32 from key_start's block; None: plain causal
+    slots: mx.array | None            # [context_len - key_start] int32 cache slots of its keys; None: plain causal
     mask: mx.array | None = None      # [q, context_len - key_start] bool (True = attend); None: causal
     key_start: int = 0                # position of the first gathered key (a block boundary)
 
@@ -117,6 +126,21 @@ def build_attention_metadata(
                   mx.array(lens))
 
 
+def metadata_from_inputs(step: StepInputs, block_size: int, gather_all: bool = False) -> MetalAttentionMetadata:
+    """The step's metadata from the persistent batch's arrays (``backends.input_batch``): no per-token lists.
+
+    The same metadata as ``build_attention_metadata`` on the step's lists:
+    each request's table is a row of the batch's block-table array.
+    """
+    tables = step.tables()                                                           # [R, W] int32
+    requests = [StepRequest(start, q, c, c + q, nb, tables[i]) for i, (start, q, c, nb) in enumerate(zip(
+        step.query_start_locs[:-1].tolist(), step.query_lens.tolist(), step.num_computed.tolist(),
+        step.num_blocks.tolist()))]
+    lens = np.repeat(step.context_lens, step.query_lens).astype(np.int32)             # [T]
+    return _build(requests, mx.array(step.slot_mapping.astype(np.int32, copy=False)), block_size, gather_all,
+                  None, mx.array(lens))
+
+
 def _build(requests: list[StepRequest], slot_mapping: mx.array, block_size: int, gather_all: bool,
            window: int | None, token_context_lens: mx.array) -> MetalAttentionMetadata:
     decodes: list[tuple[int, int, Sequence[int]]] = []      # (row, context_len, table)
@@ -127,10 +151,10 @@ def _build(requests: list[StepRequest], slot_mapping: mx.array, block_size: int,
         elif window is not None and (r.num_computed or r.query_len > window):
             prefills.append(_windowed_chunk(r, block_size, window))
         else:
-            block_ids = None
+            slots = None
             if r.num_computed or gather_all:
-                block_ids = mx.array(np.asarray(r.table[:r.num_blocks], dtype=np.int32))   # [nb]
-            prefills.append(PrefillChunk(r.start, r.start + r.query_len, r.context_len, block_ids))
+                slots = mx.array(block_slots(r.table[:r.num_blocks], block_size)[:r.context_len])   # [L]
+            prefills.append(PrefillChunk(r.start, r.start + r.query_len, r.context_len, slots))
     num_tokens = slot_mapping.shape[0]
     meta = MetalAttentionMetadata(
         slot_mapping=slot_mapping, block_size=block_size, num_tokens=num_tokens, prefills=prefills,
@@ -158,8 +182,8 @@ def _windowed_chunk(r: StepRequest, block_size: int, window: int) -> PrefillChun
     query_pos = np.arange(r.num_computed, r.context_len)[:, None]                    # [q, 1]
     key_pos = np.arange(key_start, r.context_len)[None, :]                          # [1, L]
     mask = (key_pos <= query_pos) & (key_pos > query_pos - window)                  # [q, L]
-    return PrefillChunk(r.start, r.start + r.query_len, r.context_len,
-                        mx.array(np.asarray(r.table[first:r.num_blocks], dtype=np.int32)), mx.array(mask), key_start)
+    slots = block_slots(r.table[first:r.num_blocks], block_size)[:r.context_len - key_start]    # [L]
+    return PrefillChunk(r.start, r.start + r.query_len, r.context_len, mx.array(slots), mx.array(mask), key_start)
 
 
 def _decode_batch(decodes: list[tuple[int, int, Sequence[int]]], block_size: int,
@@ -177,7 +201,7 @@ def _decode_batch(decodes: list[tuple[int, int, Sequence[int]]], block_size: int
         mask &= key_pos >= lens - window
     return DecodeBatch(
         rows=mx.array(np.asarray([row for row, _, _ in decodes], dtype=np.int32)),
-        block_ids=mx.array(table),
+        slots=mx.array(block_slots(table, block_size)),                            # [n, L]
         mask=mx.array(mask[:, None, None, :]),                                      # [n, 1, 1, L]
     )
 
@@ -195,12 +219,23 @@ def write_kv_cache(k_cache: mx.array, v_cache: mx.array, k: mx.array, v: mx.arra
     return k_flat.reshape(shape), v_flat.reshape(shape)
 
 
-def gather_kv(cache: mx.array, block_ids: mx.array) -> mx.array:
-    """The tokens of ``block_ids`` (``[..., nb]``) in logical order: ``[..., Hkv, nb * block_size, D]``."""
-    blocks = cache[block_ids]                                                       # [..., nb, bs, Hkv, D]
-    lead = block_ids.shape[:-1]
-    tokens = blocks.reshape(*lead, -1, *cache.shape[2:])                            # [..., L, Hkv, D]
-    return mx.swapaxes(tokens, -3, -2)                                              # [..., Hkv, L, D]
+def block_slots(block_ids, block_size: int) -> np.ndarray:
+    """Cache slots of the tokens of ``block_ids`` (``[..., nb]``) in logical order: int32 ``[..., nb * block_size]``."""
+    ids = np.asarray(block_ids, dtype=np.int32)
+    slots = ids[..., None] * block_size + np.arange(block_size, dtype=np.int32)      # [..., nb, bs]
+    return slots.reshape(*ids.shape[:-1], -1)                                       # [..., L]
+
+
+def gather_kv(cache: mx.array, slots: mx.array) -> mx.array:
+    """The keys (or values) at ``slots`` (``[..., L]``), written contiguous as ``[..., Hkv, L, D]``.
+
+    One gather with two broadcast indices (slot ``[..., 1, L]``, head
+    ``[Hkv, 1]``), so the result is laid out for SDPA with no second copy.
+    """
+    num_kv_heads = cache.shape[2]
+    flat = cache.reshape(-1, num_kv_heads, cache.shape[3])                          # [S, Hkv, D]
+    heads = mx.arange(num_kv_heads, dtype=mx.int32)[:, None]                        # [Hkv, 1]
+    return flat[slots[..., None, :], heads]                                         # [..., Hkv, L, D]
 
 
 class MetalAttention:
@@ -228,7 +263,7 @@ class MetalAttention:
                v_cache: mx.array, metadata: MetalAttentionMetadata, layer: LayerAttention | None = None) -> mx.array:
         """Attention of every new token over its context ``[T, H, D]``; the cache already holds the step's K/V.
 
-        ``k``/``v`` are read only by prefills without a cached prefix (``block_ids`` None).
+        ``k``/``v`` are read only by prefills without a cached prefix (``slots`` None).
         """
         layer = layer or LayerAttention(self.scale)
         metadata = metadata.windowed(layer.window)
@@ -237,8 +272,8 @@ class MetalAttention:
             pieces.append(self._decode(q, k_cache, v_cache, metadata.decode, layer))   # [n, H, D]
         for chunk in metadata.prefills:
             s, e = chunk.query_start, chunk.query_end
-            new_k = None if chunk.block_ids is not None else k[s:e]
-            new_v = None if chunk.block_ids is not None else v[s:e]
+            new_k = None if chunk.slots is not None else k[s:e]
+            new_v = None if chunk.slots is not None else v[s:e]
             pieces.append(self._prefill(q[s:e], new_k, new_v, k_cache, v_cache, chunk, layer))  # [q, H, D]
         out = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)      # [T, H, D]
         if metadata.restore_order is not None:
@@ -248,21 +283,20 @@ class MetalAttention:
     def _decode(self, q: mx.array, k_cache: mx.array, v_cache: mx.array, batch: DecodeBatch,
                 layer: LayerAttention) -> mx.array:
         queries = q[batch.rows][:, :, None, :]                                      # [n, H, 1, D]
-        keys = gather_kv(k_cache, batch.block_ids)                                  # [n, Hkv, L, D]
-        values = gather_kv(v_cache, batch.block_ids)                                # [n, Hkv, L, D]
+        keys = gather_kv(k_cache, batch.slots)                                      # [n, Hkv, L, D]
+        values = gather_kv(v_cache, batch.slots)                                    # [n, Hkv, L, D]
         out = sdpa(queries, keys, values, layer.scale, batch.mask, layer.softcap)   # [n, H, 1, D]
         return out[:, :, 0, :]                                                      # [n, H, D]
 
     def _prefill(self, q: mx.array, k: mx.array | None, v: mx.array | None, k_cache: mx.array, v_cache: mx.array,
                  chunk: PrefillChunk, layer: LayerAttention) -> mx.array:
         queries = mx.swapaxes(q, 0, 1)[None]                                        # [1, H, q, D]
-        if chunk.block_ids is None:
+        if chunk.slots is None:
             keys = mx.swapaxes(k, 0, 1)[None]                                       # [1, Hkv, q, D]
             values = mx.swapaxes(v, 0, 1)[None]                                     # [1, Hkv, q, D]
         else:
-            n = chunk.context_len - chunk.key_start
-            keys = gather_kv(k_cache, chunk.block_ids)[None, :, :n]                 # [1, Hkv, L, D]
-            values = gather_kv(v_cache, chunk.block_ids)[None, :, :n]               # [1, Hkv, L, D]
+            keys = gather_kv(k_cache, chunk.slots)[None]                            # [1, Hkv, L, D]
+            values = gather_kv(v_cache, chunk.slots)[None]                          # [1, Hkv, L, D]
         mask = "causal" if chunk.mask is None else chunk.mask
         out = sdpa(queries, keys, values, layer.scale, mask, layer.softcap)         # [1, H, q, D]
         return mx.swapaxes(out[0], 0, 1)                                            # [q, H, D]

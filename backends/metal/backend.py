@@ -4,27 +4,50 @@ On Apple Silicon MLX runs on the GPU (Metal); elsewhere on MLX's CPU build,
 which is how CI tests it against the cpu backend. One ``execute`` call:
 
 1. drops the state (seeded keys) of finished / preempted requests;
-2. turns the scheduler's plain lists into int32 MLX arrays and the attention
-   metadata, once for all layers;
-3. builds the forward pass lazily and evaluates the logits and every layer's
-   new K/V cache in one ``mx.eval`` (so no graph outlives the step, and the
-   cache scatters reuse the cache buffers);
-4. samples the requests with ``needs_sample``.
+2. updates the persistent input batch (``backends.input_batch``: block-table
+   rows kept across steps) and turns its int32 arrays into MLX arrays and the
+   attention metadata, once for all layers;
+3. builds the forward pass lazily and starts evaluating the logits and
+   every layer's new K/V cache with ``mx.async_eval`` (no graph outlives the
+   step, and the cache scatters reuse the cache buffers);
+4. while the device runs the forward pass, builds the sampling plan on the
+   host (penalty counts, grammar bitmasks) and appends the sampling stages to
+   the graph (``MetalSampler``: token ids stay an MLX array); then one
+   ``mx.eval`` waits for the step, the only host synchronisation of a step
+   whose sampling has no top-p candidate growth.
+
+Why the overlap stays inside the step: ``execute`` returns the step's token
+ids (``StepResult``), the contract the scheduler and the cpu/cuda backends
+share, and the next step's inputs come from the scheduler after it has seen
+them. Overlapping the host work of step t with the device work of step t+1
+(mlx-lm's loop) needs the engine to accept a deferred result; see
+docs/ARCHITECTURE.md.
+
+Memory (``backends.metal.memory``): ``dtype="auto"`` is bfloat16; with no KV
+cache size given the cache gets ``gpu_memory_utilization`` of Metal's
+recommended working set after the weights; the wired and buffer-cache limits
+are set once the cache is allocated and MLX's buffer cache is emptied every
+``CLEAR_CACHE_EVERY`` steps.
 """
 
 from __future__ import annotations
 
-from itertools import chain
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
+import structlog
 
 from backends.base import Backend, BackendOptions, LogitRows, blocks_for_memory, kv_block_bytes, run_step
-from backends.metal.attention import KVCache, build_attention_metadata
+from backends.metal import memory
+from backends.input_batch import InputBatch
+from backends.metal.attention import KVCache, metadata_from_inputs
 from backends.metal.model import MLXLlamaModel, mlx_dtype
 from backends.metal.sampler import MetalSampler
 from model.config import ModelConfig
 from scheduler.output import SchedulerOutput, StepResult
+
+log = structlog.get_logger(__name__)
 
 
 def _take_rows(logits: mx.array, rows: list[int]) -> mx.array:
@@ -39,10 +62,12 @@ MLX_LOGIT_ROWS = LogitRows(take=_take_rows,
 class MetalBackend(Backend):
     """``Backend`` on MLX (see ``backends/base.py`` for the life cycle).
 
-    ``dtype`` is the compute and KV cache dtype: ``float16`` / ``bfloat16`` on
-    Apple GPUs, ``float32`` where asked (and for parity tests). The engine's
-    ``num_threads`` does not reach it (``create`` leaves it out): MLX sizes
-    its own CPU pool.
+    ``dtype`` is the compute and KV cache dtype: ``bfloat16`` (``auto``) or
+    ``float16`` on Apple GPUs, ``float32`` where asked (and for parity tests).
+    ``gpu_memory_utilization``, ``max_num_batched_tokens`` and
+    ``max_num_seqs`` size the KV cache (``profile_kv_cache_memory``). The
+    engine's ``num_threads`` does not reach it (``create`` leaves it out):
+    MLX sizes its own CPU pool.
     """
 
     name = "metal"
@@ -54,7 +79,12 @@ class MetalBackend(Backend):
         dtype: str = "float32",
         seed: int = 0,
         eos_token_ids: tuple[int, ...] = (),
+        gpu_memory_utilization: float = 0.9,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
     ) -> None:
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         self._mx_dtype = mlx_dtype(dtype)
         self.dtype = dtype
         self.model_config = model_config
@@ -64,6 +94,15 @@ class MetalBackend(Backend):
         self.kv_caches: list[KVCache] = []
         self.block_size = 0
         self.num_blocks = 0
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.weight_bytes = self.model.weight_bytes()     # packed weights at their packed size
+        self.step_reserve = memory.step_reserve_bytes(model_config, max_num_batched_tokens, max_num_seqs,
+                                                      self._mx_dtype.size)
+        self.limits = memory.MemoryLimits()
+        self.num_steps = 0
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.input_batch: InputBatch | None = None        # the persistent batch, made with the KV cache
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes one KV block costs across all layers (K and V)."""
@@ -74,8 +113,20 @@ class MetalBackend(Backend):
         """How many KV blocks fit ``memory_bytes``."""
         return blocks_for_memory(memory_bytes, self.kv_block_bytes(block_size))
 
+    def profile_kv_cache_memory(self, block_size: int) -> int | None:
+        """KV cache bytes from Metal's recommended working set (``backends.metal.memory``); None off Metal."""
+        working_set = memory.recommended_working_set()
+        if working_set is None:
+            return None
+        return memory.kv_cache_budget(working_set, self.gpu_memory_utilization, mx.get_active_memory(),
+                                      self.step_reserve, self.model_config.num_hidden_layers)
+
+    def memory_stats(self) -> dict[str, int]:
+        """MLX's ``active``, ``peak`` and ``cache`` bytes (``GetStats`` / metrics)."""
+        return memory.memory_stats()
+
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        """One zeroed ``[num_blocks, block_size, Hkv, D]`` K and V array per layer."""
+        """One zeroed ``[num_blocks, block_size, Hkv, D]`` K and V array per layer; then MLX's memory limits."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
         c = self.model_config
@@ -85,47 +136,47 @@ class MetalBackend(Backend):
         mx.eval(self.kv_caches)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.input_batch = InputBatch(block_size, max_reqs=self.max_num_seqs, max_tokens=self.max_num_batched_tokens,
+                                      index_dtype=np.int32)
+        self.limits.apply(memory.recommended_working_set(), self.step_reserve)
+        stats = memory.memory_stats()
+        log.info("metal_memory", dtype=self.dtype, weights_mib=self.weight_bytes >> 20,
+                 kv_cache_mib=(num_blocks * self.kv_block_bytes(block_size)) >> 20, active_mib=stats["active"] >> 20,
+                 peak_mib=stats["peak"] >> 20, wired_limit_mib=_mib(self.limits.wired_limit),
+                 cache_limit_mib=_mib(self.limits.cache_limit))
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
-        """Run one step: write new K/V, attend, sample where ``needs_sample``."""
-        return run_step(scheduler_output, self.sampler.drop, self.compute_logits, self.sampler.sample,
-                        MLX_LOGIT_ROWS)
+        """Run one step: write new K/V, attend, sample where ``needs_sample`` (see the module docstring)."""
+        result = run_step(scheduler_output, self.sampler.drop, partial(self.compute_logits, wait=False),
+                          self.sampler.sample, MLX_LOGIT_ROWS)
+        self.num_steps += 1
+        if self.num_steps % memory.CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()
+        return result
 
-    def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False) -> mx.array:
-        """Run the model over the step; evaluated float32 logits ``[N, V]`` of the requests that sample.
+    def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False,
+                       wait: bool = True) -> mx.array:
+        """Run the model over the step; float32 logits ``[N, V]`` of the requests that sample.
 
         Rows follow the order of ``scheduled`` among those with ``needs_sample``;
         with ``all_tokens`` every scheduled token gets its row (``[T, V]``).
         Writes the step's K/V into the cache like ``execute`` (which calls it).
+        ``wait``: evaluated on return; otherwise the evaluation is started
+        (``mx.async_eval``) and the logits come back still running.
         """
         if not self.kv_caches:
             raise RuntimeError("allocate_kv_cache must be called before execute")
         if scheduler_output.block_size != self.block_size:
             raise ValueError(f"step block_size {scheduler_output.block_size} != cache block_size {self.block_size}")
-        scheduled = scheduler_output.scheduled
-        query_lens = [len(r.token_ids) for r in scheduled]
-        input_ids = mx.array(np.fromiter(chain.from_iterable(r.token_ids for r in scheduled), dtype=np.int32))  # [T]
-        positions = mx.array(np.concatenate([
-            np.arange(r.num_computed_tokens, r.num_computed_tokens + n, dtype=np.int32)
-            for r, n in zip(scheduled, query_lens)
-        ]))                                                                              # [T]
-        ends = np.cumsum(query_lens)
-        if all_tokens:
-            logits_indices = mx.arange(int(ends[-1]), dtype=mx.int32)                    # [T]
-        else:
-            sample_rows = [i for i, r in enumerate(scheduled) if r.needs_sample]
-            logits_indices = mx.array((ends[sample_rows] - 1).astype(np.int32))         # [N]
-        metadata = build_attention_metadata(
-            query_lens,
-            [r.num_computed_tokens for r in scheduled],
-            [r.block_table for r in scheduled],
-            list(chain.from_iterable(r.slot_mapping for r in scheduled)),
-            self.block_size,
-        )
+        step = self.input_batch.prepare(scheduler_output, all_tokens)   # buffers reused: mx.array copies them
+        input_ids = mx.array(step.token_ids)                                             # [T] int32
+        positions = mx.array(step.positions)                                             # [T] int32
+        logits_indices = mx.array(step.logits_indices)                                   # [N] (or [T]) int32
+        metadata = metadata_from_inputs(step, self.block_size)
         caches, self.kv_caches = self.kv_caches, []      # the graph alone holds the old caches: scatter in place
         try:
             logits, caches = self.model.forward(input_ids, positions, caches, metadata, logits_indices)
-            mx.eval(logits, caches)
+            (mx.eval if wait else mx.async_eval)(logits, caches)
         except BaseException:
             self.kv_caches = caches                      # keep a cache list; the engine fails this step's requests
             raise
@@ -133,13 +184,20 @@ class MetalBackend(Backend):
         return logits
 
     def shutdown(self) -> None:
-        """Release the KV cache and the weights."""
+        """Release the KV cache and the weights; MLX's limits go back to what they were."""
+        self.limits.restore()
         self.kv_caches = []
         self.model = None
         self.sampler.clear()
+        mx.clear_cache()
+
+
+def _mib(value: int | None) -> int | None:
+    return None if value is None else value >> 20
 
 
 def create(model_config: ModelConfig, weights: dict, options: BackendOptions) -> MetalBackend:
-    """The registry's factory (``backends.registry``): ``dtype="auto"`` is float32 here for now."""
-    return MetalBackend(model_config, weights, dtype=options.resolve_dtype("float32"), seed=options.seed,
-                        eos_token_ids=options.eos_token_ids)
+    """The registry's factory (``backends.registry``): ``dtype="auto"`` is ``memory.AUTO_DTYPE`` (bfloat16)."""
+    return MetalBackend(model_config, weights, dtype=options.resolve_dtype(memory.AUTO_DTYPE), seed=options.seed,
+                        eos_token_ids=options.eos_token_ids, gpu_memory_utilization=options.gpu_memory_utilization,
+                        max_num_batched_tokens=options.max_num_batched_tokens, max_num_seqs=options.max_num_seqs)

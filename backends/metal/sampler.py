@@ -15,6 +15,12 @@ re-created after a drop (preemption) first replays one split per token already
 generated, so a preempted request continues its stream. Unseeded rows draw from
 the sampler's own key, split once per step. The inverse-CDF draw runs in
 float32 and never picks a token of zero probability.
+
+``MetalSampler.execute`` runs the plan's stages in ``PlanSampler``'s order but
+inside MLX's graph: the token ids, logprob statistics and the advanced keys
+stay MLX arrays, appended to the (possibly still running) forward pass, and
+one ``mx.eval`` brings them to the host: the step's only synchronisation,
+besides top-p's candidate growth when a nucleus is wider than its first try.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import mlx.core as mx
 import numpy as np
 
 from backends.plan_sampler import PlanSampler
-from backends.sampling_plan import PenaltyPlan, SamplingRow, TokenMask, TopKTopP, bitmask_to_additive
+from backends.sampling_plan import (DrawPlan, PenaltyPlan, SamplingPlan, SamplingRow, TokenMask, TopKTopP,
+                                    bitmask_to_additive)
 from scheduler.output import Logprobs
 
 
@@ -150,6 +157,70 @@ class MetalSampler(PlanSampler[mx.array, mx.array]):
         """
         return self.run(logits, rows)
 
+    def execute(self, logits: mx.array, plan: SamplingPlan) -> tuple[list[int], list[Logprobs | None]]:
+        """``plan``'s stages on ``logits`` ``[N, V]`` in MLX, then one ``mx.eval`` (see the module docstring)."""
+        raw_logprobs = self._log_softmax(logits, plan.logprob_rows) if plan.logprob_rows else None  # [M, V]
+        if plan.penalties is not None:
+            logits = self._apply_penalties(logits, plan.penalties)                        # [N, V]
+        if plan.banned is not None:
+            logits = self._apply_token_mask(logits, plan.banned)                          # [N, V]
+        if plan.is_all_greedy:
+            tokens = mx.argmax(logits, axis=-1).astype(mx.int32)                          # [N]
+        else:
+            parts, order = [], []
+            if plan.greedy_rows:
+                parts.append(mx.argmax(logits[mx.array(plan.greedy_rows)], axis=-1).astype(mx.int32))
+                order.extend(plan.greedy_rows)
+            parts.append(self._draw_tokens(logits, plan.draws))                           # [R]
+            order.extend(plan.draws.rows)
+            tokens = mx.concatenate(parts)[mx.array(np.argsort(order).astype(np.int32))]  # [N] in row order
+        stats: list[mx.array] = []
+        num_top = max(plan.num_top_logprobs, default=0)
+        if raw_logprobs is not None:
+            stats = self._logprob_arrays(raw_logprobs, tokens[mx.array(plan.logprob_rows)], num_top)
+        mx.eval(tokens, stats, self._key, list(self._seeded.values()))   # the step's one host synchronisation
+        token_ids = tokens.tolist()
+        logprobs: list[Logprobs | None] = [None] * plan.num_rows
+        if stats:
+            lps, ranks = stats[0].tolist(), stats[1].tolist()
+            top_ids, top_lps = (stats[2].tolist(), stats[3].tolist()) if num_top else ([[]] * len(lps),) * 2
+            for j, (i, k) in enumerate(zip(plan.logprob_rows, plan.num_top_logprobs)):
+                logprobs[i] = Logprobs(token_id=token_ids[i], logprob=lps[j], rank=ranks[j],
+                                       top=list(zip(top_ids[j][:k], top_lps[j][:k])))
+        return token_ids, logprobs
+
+    def _draw_tokens(self, logits: mx.array, draws: DrawPlan) -> mx.array:
+        """Lazy tokens ``[R]`` of the drawing rows (``PlanSampler._draw``'s stages; keys advanced, not evaluated)."""
+        scaled = self._scale(logits, draws.rows, draws.temperature)                        # [R, V]
+        if draws.min_p_log is not None:
+            scaled = self._apply_min_p(scaled, draws.min_p_log)                            # [R, V]
+        if draws.top_k_top_p is not None:
+            scaled = self._apply_top_k_top_p(scaled, draws.top_k_top_p)                   # [R, V]
+        uniforms: list[mx.array | None] = [None] * len(draws.rows)                         # [1] each
+        if draws.unseeded:
+            shared = self._draw_unseeded(len(draws.unseeded))                              # [U]
+            for u, j in enumerate(draws.unseeded):
+                uniforms[j] = shared[u:u + 1]
+        for draw in draws.seeded:
+            stream = self._seeded.get(draw.request_id)
+            if stream is None:
+                stream = self._new_stream(draw.seed, draw.num_drawn)
+            uniforms[draw.position], self._seeded[draw.request_id] = self._draw_seeded(stream)
+        return inverse_cdf_sample(scaled, mx.concatenate(uniforms)).astype(mx.int32)      # [R]
+
+    def _logprob_arrays(self, logprobs: mx.array, sampled: mx.array, num_top: int) -> list[mx.array]:
+        """Lazy ``[lp [M], rank [M]]`` of ``sampled`` ``[M]`` under ``logprobs`` ``[M, V]``, plus the best
+        ``num_top`` ids ``[M, k]`` and their logprobs ``[M, k]`` when ``num_top``."""
+        sampled_lp = mx.take_along_axis(logprobs, sampled[:, None], axis=1)               # [M, 1]
+        ranks = mx.sum(logprobs > sampled_lp, axis=-1) + 1                                # [M]
+        if not num_top:
+            return [sampled_lp[:, 0], ranks]
+        candidates = mx.argpartition(-logprobs, kth=num_top - 1, axis=-1)[:, :num_top]    # [M, k]
+        values = mx.take_along_axis(logprobs, candidates, axis=1)                         # [M, k]
+        order = mx.argsort(-values, axis=-1)                                              # [M, k]
+        return [sampled_lp[:, 0], ranks, mx.take_along_axis(candidates, order, axis=1),
+                mx.take_along_axis(values, order, axis=1)]
+
     def _log_softmax(self, logits: mx.array, rows: tuple[int, ...]) -> mx.array:
         raw = logits[mx.array(rows)]                                                      # [M, V]
         return raw - mx.logsumexp(raw, axis=-1, keepdims=True)                            # [M, V]
@@ -182,15 +253,5 @@ class MetalSampler(PlanSampler[mx.array, mx.array]):
 
     def _logprob_stats(self, logprobs: mx.array, token_ids: list[int], num_top: int
                        ) -> tuple[list[float], list[int], list[list[int]], list[list[float]]]:
-        sampled = mx.array(token_ids)[:, None]                                            # [M, 1]
-        sampled_lp = mx.take_along_axis(logprobs, sampled, axis=1)                        # [M, 1]
-        ranks = mx.sum(logprobs > sampled_lp, axis=-1) + 1                                # [M]
-        if num_top:
-            candidates = mx.argpartition(-logprobs, kth=num_top - 1, axis=-1)[:, :num_top]  # [M, k]
-            values = mx.take_along_axis(logprobs, candidates, axis=1)                     # [M, k]
-            order = mx.argsort(-values, axis=-1)                                          # [M, k]
-            top_ids = mx.take_along_axis(candidates, order, axis=1).tolist()
-            top_lp = mx.take_along_axis(values, order, axis=1).tolist()
-        else:
-            top_ids = top_lp = [[] for _ in token_ids]
-        return sampled_lp[:, 0].tolist(), ranks.tolist(), top_ids, top_lp
+        stats = [a.tolist() for a in self._logprob_arrays(logprobs, mx.array(token_ids), num_top)]
+        return stats[0], stats[1], *((stats[2], stats[3]) if num_top else ([[] for _ in token_ids],) * 2)

@@ -122,7 +122,7 @@ def test_structured_output_and_logit_bias_end_to_end_equal_on_cpu_and_metal(tmp_
     prompts = ["hello world, this is"] * len(params)
     got = {}
     for backend in ("cpu", "metal"):
-        llm = LLM(path, backend=backend, num_kv_blocks=128)
+        llm = LLM(path, backend=backend, dtype="float32", num_kv_blocks=128)
         got[backend] = [o.outputs[0] for o in llm.generate(prompts, params)]
     assert [c.token_ids for c in got["cpu"]] == [c.token_ids for c in got["metal"]]
     cpu = got["cpu"]

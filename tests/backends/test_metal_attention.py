@@ -11,6 +11,7 @@ mx = pytest.importorskip("mlx.core")
 from backends.cpu.attention import paged_attention_ref, write_kv_cache_ref  # noqa: E402
 from backends.metal.attention import (  # noqa: E402
     MetalAttention,
+    block_slots,
     build_attention_metadata,
     gather_kv,
     paged_attention,
@@ -64,7 +65,7 @@ def test_cache_write_casts_to_the_cache_dtype(dtype):
 def test_gather_reads_blocks_in_block_table_order():
     k_ref, _ = random_cache()
     table = [7, 2, 9]
-    gathered = gather_kv(to_mx(k_ref), mx.array(table))                     # [Hkv, 12, D]
+    gathered = gather_kv(to_mx(k_ref), mx.array(block_slots(table, BLOCK_SIZE)))   # [Hkv, 12, D]
     expected = k_ref[table].reshape(-1, HKV, D).transpose(0, 1)            # [Hkv, 12, D]
     np.testing.assert_array_equal(to_np(gathered), expected.numpy())
 

@@ -59,27 +59,27 @@ def reference(tiny_path):
 def test_tiny_models_match_the_cpu_backend(tmp_path, arch, kwargs):
     path = str(make_tiny_hf_model(tmp_path, arch=arch, **kwargs))
     expected = greedy_ids(LLM(path, backend="cpu", num_kv_blocks=64), PROMPTS)
-    llm = LLM(path, backend="metal", num_kv_blocks=64)
+    llm = LLM(path, backend="metal", dtype="float32", num_kv_blocks=64)
     assert llm.engine.backend_name == "metal" and llm.engine.backend.name == "metal"
     assert greedy_ids(llm, PROMPTS) == expected
 
 
 def test_batch_of_many_lengths_matches_the_cpu_backend(tiny_path, reference):
     prompts, expected = reference
-    llm = LLM(tiny_path, backend="metal", num_kv_blocks=512)
+    llm = LLM(tiny_path, backend="metal", dtype="float32", num_kv_blocks=512)
     assert greedy_ids(llm, prompts) == expected
     assert greedy_ids(llm, prompts[:2]) == expected[:2]                  # alone, again, with cached prefixes
 
 
 def test_chunked_prefill_matches_the_cpu_backend(tiny_path, reference):
     prompts, expected = reference
-    llm = LLM(tiny_path, backend="metal", num_kv_blocks=512, max_num_batched_tokens=16)
+    llm = LLM(tiny_path, backend="metal", dtype="float32", num_kv_blocks=512, max_num_batched_tokens=16)
     assert greedy_ids(llm, prompts) == expected
 
 
 def test_preemption_matches_the_cpu_backend(tiny_path, reference):
     prompts, expected = reference
-    tight = LLM(tiny_path, backend="metal", num_kv_blocks=24, block_size=8)   # 192 slots for 12 requests
+    tight = LLM(tiny_path, backend="metal", dtype="float32", num_kv_blocks=24, block_size=8)   # 192 slots for 12 requests
     assert greedy_ids(tight, prompts) == expected
     stats = tight.get_stats()
     assert stats.num_preemptions > 0 and stats.kv_blocks_free == 24
@@ -89,7 +89,7 @@ def test_prefix_cache_hits_match_the_cpu_backend(tiny_path):
     base = list(range(20, 52))                                            # two full blocks
     prompts = [base, base + [77], base[:-1], base + [5, 6, 7]]
     expected = greedy_ids(LLM(tiny_path, backend="cpu", num_kv_blocks=256, enable_prefix_caching=False), prompts)
-    llm = LLM(tiny_path, backend="metal", num_kv_blocks=256)
+    llm = LLM(tiny_path, backend="metal", dtype="float32", num_kv_blocks=256)
     llm.generate([base + [1, 2]], GREEDY)                                 # warm the cache
     outs = llm.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == expected
@@ -196,5 +196,5 @@ def test_default_model_matches_the_cpu_backend():
     prompts = ["The capital of France is", "def fibonacci(n):"]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     expected = greedy_ids(LLM(backend="cpu", num_kv_blocks=16), prompts, params)
-    assert greedy_ids(LLM(backend="metal", num_kv_blocks=16), prompts, params) == expected
+    assert greedy_ids(LLM(backend="metal", dtype="float32", num_kv_blocks=16), prompts, params) == expected
     assert all(len(ids) == 8 for ids in expected)

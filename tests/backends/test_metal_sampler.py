@@ -131,7 +131,7 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def metal(tiny_path):
-    return LLM(tiny_path, backend="metal", num_kv_blocks=256)
+    return LLM(tiny_path, backend="metal", dtype="float32", num_kv_blocks=256)   # parity with cpu float32
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ def tiny_dir(tmp_path_factory):
 def metal_server(tiny_dir):
     from engine.async_engine import AsyncEngine
 
-    engine = AsyncEngine(tiny_engine_args(tiny_dir, backend="metal"))
+    engine = AsyncEngine(tiny_engine_args(tiny_dir, backend="metal", dtype="float32"))   # parity with cpu float32
     server = ServerThread(engine)
     yield server
     server.stop(grace=2.0)
@@ -44,6 +44,14 @@ def test_greedy_over_grpc_on_metal_equals_the_cpu_backend(tiny_dir, metal_server
             assert "".join(c.text for c in chunks) == want.outputs[0].text
             assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 20
             assert all(lp.rank == 1 and lp.top[0][0] == lp.token_id for c in chunks for lp in c.logprobs)
+
+
+def test_stats_over_grpc_report_mlx_memory(metal_server):
+    import mlx.core as mx
+
+    with metal_server.client() as client:
+        stats = client.stats()
+    assert 0 < stats.device_memory_active_bytes <= stats.device_memory_peak_bytes <= mx.get_peak_memory()
 
 
 def test_seeded_sampling_over_grpc_is_reproducible(metal_server):

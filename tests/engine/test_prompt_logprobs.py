@@ -89,7 +89,7 @@ def test_prompt_logprobs_out_of_range_is_refused():
 def test_metal_backend_matches_cpu(tiny_path):
     pytest.importorskip("mlx.core")
     cpu = LLM(str(tiny_path), num_kv_blocks=64, max_num_batched_tokens=16).generate([PROMPT], SCORE)[0]
-    metal = LLM(str(tiny_path), num_kv_blocks=64, max_num_batched_tokens=16, backend="metal").generate(
+    metal = LLM(str(tiny_path), num_kv_blocks=64, max_num_batched_tokens=16, backend="metal", dtype="float32").generate(
         [PROMPT], SCORE)[0]
     for a, b in zip(cpu.prompt_logprobs[1:], metal.prompt_logprobs[1:]):
         assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < TOL and a.rank == b.rank
