@@ -7,7 +7,9 @@ makes through the backend with timed ones:
 - cpu (the torch model): ``execute``, ``compute_logits``, the model's
   ``forward``, its ``linear`` (every projection and the LM head: the
   matmuls), the attention's ``forward`` (cache write and attention) and its
-  native decode kernel, and the sampler;
+  native decode kernel, the native fused layer calls of a float32 decode step
+  (``ops.attn_in`` / ``ops.mlp_block``: the layer's GEMMs with its norms,
+  RoPE and SwiGLU, which bypass ``linear``), and the sampler;
 - metal (MLX, lazy): ``execute``, ``compute_logits``, the model's
   ``forward`` (which only builds the graph) and the sampler; the rest of
   ``compute_logits`` is the ``mx.eval`` that computes the step plus the input
@@ -87,6 +89,10 @@ def instrument(backend: Any, timers: Timers) -> Callable[[], None]:
         patch(model, "linear", timers.wrap("matmul", model.linear))
         attention = model.attention
         patch(attention, "forward", timers.wrap("attention", attention.forward))
+        ops = getattr(model, "ops", None)
+        if ops is not None and hasattr(ops, "attn_in"):
+            patch(ops, "attn_in", timers.wrap("fused_layer", ops.attn_in))
+            patch(ops, "mlp_block", timers.wrap("fused_layer", ops.mlp_block))
         kernel = getattr(attention, "decode_kernel", None)
         if kernel is not None:
             patch(attention, "decode_kernel", _TimedKernel(kernel, timers.wrap("native_attention", kernel)))
@@ -108,6 +114,7 @@ def instrument(backend: Any, timers: Timers) -> Callable[[], None]:
 # The breakdown's parts, in print order, with their labels.
 PARTS = {
     "matmul": "matmul (projections, LM head)",
+    "fused_layer": "fused layer calls (GEMMs + norm, RoPE, SwiGLU)",
     "attention": "attention (cache write + attend)",
     "eval_other": "MLX eval besides matmul, and input preparation",
     "model_other": "model other (norms, RoPE, activation, adds, Python)",
@@ -130,8 +137,8 @@ def breakdown(backend_name: str, totals: dict[str, float], step_s: float, mlx_ma
         "engine": max(0.0, step_s - t["execute"]),
     }
     if backend_name == "cpu":
-        parts.update(matmul=t["matmul"], attention=t["attention"],
-                     model_other=max(0.0, t["forward"] - t["matmul"] - t["attention"]),
+        parts.update(matmul=t["matmul"], attention=t["attention"], fused_layer=t["fused_layer"],
+                     model_other=max(0.0, t["forward"] - t["matmul"] - t["attention"] - t["fused_layer"]),
                      prepare=max(0.0, t["compute_logits"] - t["forward"]))
     else:
         rest = max(0.0, t["compute_logits"] - t["forward"])           # mx.eval and the input preparation
@@ -143,23 +150,26 @@ def breakdown(backend_name: str, totals: dict[str, float], step_s: float, mlx_ma
 def mlx_matmul_ms(model: Any, rows: int = 1, repeats: int = 7) -> float:
     """Median ms of the dense layers' projections and the LM head of an MLX model at ``rows`` rows, one eval.
 
-    The model's own weight arrays, each multiplied by a fresh ``[rows, in]``
-    input (no chaining), all in one graph: the matmul work of one decode step
+    The model's own weights (dense or packed), each multiplied by a fresh
+    ``[rows, in]`` input in the compute dtype (no chaining) through the
+    model's ``linear``, all in one graph: the matmul work of one decode step
     as MLX runs it, without the rest of the step. MoE layers are left out.
     """
     import mlx.core as mx
+
+    from backends.metal.weights import linear
 
     weights = []
     for layer in model.layers:
         if getattr(layer, "router", None) is None:
             weights += [layer.qkv, layer.o_proj, layer.gate_up, layer.down]
     weights.append(model.lm_head if model.lm_head is not None else model.embed)
-    inputs = [mx.random.normal((rows, w.shape[1])).astype(w.dtype) for w in weights]   # [rows, in] each
+    inputs = [mx.random.normal((rows, w.shape[1])).astype(model.dtype) for w in weights]   # [rows, in] each
     mx.eval(inputs)
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        mx.eval([x @ w.T for x, w in zip(inputs, weights)])                              # [rows, out] each
+        mx.eval([linear(x, w) for x, w in zip(inputs, weights)])                         # [rows, out] each
         times.append(time.perf_counter() - t0)
     times = sorted(times[1:])
     return times[len(times) // 2] * 1000.0

@@ -11,7 +11,7 @@ variable                    default                meaning
 ``PAGEDGEN_LOG_LEVEL``      ``INFO``               DEBUG, INFO, WARNING, ERROR or CRITICAL
 ``PAGEDGEN_API_KEY``        (none)                 ``pagedgen serve``'s API key when ``--api-key`` is not given
 ``PAGEDGEN_API_KEY_FILE``   (none)                 a file holding that key (a mounted Secret); not with the above
-``PAGEDGEN_CPU_KERNELS``    ``1``                  build/use the native cpu decode-attention kernel (0: torch only)
+``PAGEDGEN_CPU_KERNELS``    ``1``                  build/use the native cpu kernels: decode attention, small-batch GEMM, fused decode ops (0: torch only)
 ==========================  =====================  ===========================================
 """
 
@@ -30,7 +30,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PAGEDGEN_LOG_LEVEL": ("INFO", f"log level, one of {', '.join(LOG_LEVELS)}"),
     "PAGEDGEN_API_KEY": ("", "API key the server requires (gRPC and HTTP) when --api-key is not given"),
     "PAGEDGEN_API_KEY_FILE": ("", "file whose content (surrounding whitespace stripped) is that API key"),
-    "PAGEDGEN_CPU_KERNELS": ("1", "build and use the native cpu attention kernel (0: pure torch)"),
+    "PAGEDGEN_CPU_KERNELS": ("1", "build and use the native cpu kernels: decode attention, small-batch GEMM and fused decode ops (0: pure torch)"),
 }
 
 

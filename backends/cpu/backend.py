@@ -4,8 +4,9 @@ It is both the reference every device backend is tested against and the
 default on machines without a GPU. One ``execute`` call:
 
 1. drops the state (seeded generators) of finished / preempted requests;
-2. turns the scheduler's plain lists into int64 tensors and the attention
-   metadata, once for all layers;
+2. updates its persistent input batch (``backends.input_batch``: block-table
+   rows change only where a request gained a block or joined) and builds the
+   int64 step tensors and the attention metadata from it, once for all layers;
 3. runs the model under ``torch.inference_mode`` (logits only for the rows
    that sample);
 4. samples the requests with ``needs_sample``.
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from itertools import chain
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from backends.cpu.attention import CPUAttention
+from backends.input_batch import InputBatch
+from backends.cpu.native import decode_ops
 from backends.sampler import Sampler
 from backends.torch_model.model import LlamaModel
 from backends.torch_model.weights import torch_dtype
@@ -48,6 +50,11 @@ BF16_UPCAST_MIN_ROWS = 4
 # contiguous [T, out] output makes the following residual adds, RoPE and
 # SwiGLU ~25% cheaper per prefill step than reading the transposed view.
 CONTIGUOUS_MIN_ROWS = 256
+# float32 products of at most this many rows (decode steps) run in the native
+# small-batch GEMM (backends/cpu/native/decode_ops.c) where it was built: it
+# streams the weight once at close to the memory bandwidth (MKL: ~60% of it at
+# 1-2 rows) into a contiguous output; beyond, MKL's blocking wins.
+NATIVE_MAX_ROWS = 8
 
 
 def _take_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -77,8 +84,14 @@ def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     output: transposing a whole ``[vocab, T]`` product afterwards costs as
     much as the GEMM. With ``upcast_min_rows``, bfloat16 products of at least
     that many rows run in float32 (CPUs without native bfloat16 emulate it
-    several times slower than converting the weight on the fly).
+    several times slower than converting the weight on the fly). float32
+    products of up to ``NATIVE_MAX_ROWS`` rows use the native GEMM when it is available.
     """
+    if x.shape[0] <= NATIVE_MAX_ROWS and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1 \
+            and w.is_contiguous() and (bias is None or bias.is_contiguous()):
+        ops = decode_ops()
+        if ops is not None:
+            return ops.linear(x, w, bias)                                              # [T, out]
     if upcast_min_rows is not None and x.dtype == torch.bfloat16 and x.shape[0] >= upcast_min_rows:
         b = None if bias is None else bias.float()
         return cpu_linear(x.float(), w.float(), b).to(torch.bfloat16)                  # [T, out]
@@ -124,11 +137,13 @@ class CPUBackend(Backend):
         linear = cpu_linear
         if self._torch_dtype == torch.bfloat16 and not has_native_bf16():
             linear = partial(cpu_linear, upcast_min_rows=BF16_UPCAST_MIN_ROWS)
-        self.model = LlamaModel(model_config, weights, self.attention, self._torch_dtype, linear=linear)
+        self.model = LlamaModel(model_config, weights, self.attention, self._torch_dtype, linear=linear,
+                                ops=decode_ops() if self._torch_dtype == torch.float32 else None)
         self.sampler = Sampler(eos_token_ids or model_config.eos_token_ids, seed=seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.num_blocks = 0
+        self.input_batch: InputBatch | None = None        # made with the KV cache (it needs the block size)
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes one KV block costs across all layers (K and V)."""
@@ -152,6 +167,7 @@ class CPUBackend(Backend):
         ]
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.input_batch = InputBatch(block_size)         # the step inputs, kept across steps
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Run one step: write new K/V, attend, sample where ``needs_sample``."""
@@ -170,28 +186,11 @@ class CPUBackend(Backend):
             raise RuntimeError("allocate_kv_cache must be called before execute")
         if scheduler_output.block_size != self.block_size:
             raise ValueError(f"step block_size {scheduler_output.block_size} != cache block_size {self.block_size}")
-        scheduled = scheduler_output.scheduled
-        query_lens = [len(r.token_ids) for r in scheduled]
-        input_ids = torch.tensor(list(chain.from_iterable(r.token_ids for r in scheduled)), dtype=torch.int64)  # [T]
-        positions = torch.from_numpy(np.concatenate([
-            np.arange(r.num_computed_tokens, r.num_computed_tokens + n, dtype=np.int64)
-            for r, n in zip(scheduled, query_lens)
-        ]))                                                                              # [T]
-        ends = np.cumsum(query_lens)
-        sample_rows = [i for i, r in enumerate(scheduled) if r.needs_sample]
-        if all_tokens:
-            logits_indices = torch.arange(int(ends[-1]), dtype=torch.int64)                # [T]
-        else:
-            logits_indices = torch.as_tensor(ends[sample_rows] - 1, dtype=torch.int64)   # [N]
-        metadata = self.attention.build_metadata(
-            query_lens,
-            [r.num_computed_tokens for r in scheduled],
-            [r.block_table for r in scheduled],
-            list(chain.from_iterable(r.slot_mapping for r in scheduled)),
-            self.block_size,
-        )
+        step = self.input_batch.prepare(scheduler_output, all_tokens)      # persistent rows, numpy step arrays
+        metadata = self.attention.metadata_from_inputs(step, self.block_size)
         with torch.inference_mode():
-            return self.model.forward(input_ids, positions, self.kv_caches, metadata, logits_indices)  # [N, V]
+            return self.model.forward(torch.from_numpy(step.token_ids), torch.from_numpy(step.positions),
+                                      self.kv_caches, metadata, torch.from_numpy(step.logits_indices))  # [N, V]
 
     def shutdown(self) -> None:
         """Release the KV cache and the weights."""

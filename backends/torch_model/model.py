@@ -16,11 +16,21 @@ What differs between families is read from the ``ModelConfig`` (see
 Logits are computed only for the rows in ``logits_indices`` (the last token
 of each request that samples), in float32, soft-capped where the family says.
 Every projection goes through ``self.linear`` (the device's GEMM helper).
+
+A device may also hand the model ``FusedOps`` for steps of few tokens
+(decode, float32): then the residual add and the next RMSNorm are one call
+(a layer returns its MLP output unadded, the next layer's input norm adds
+it), RoPE rotates the QKV projection's output in place and SwiGLU is one
+call; at a few rows torch's per-op dispatch costs more than the arithmetic.
+Ops that also offer ``attn_in`` / ``mlp_block`` run a layer in two calls
+(norm, QKV, RoPE; o_proj through the MLP) into buffers reused step after
+step, where the layer is plain enough (``_plan``); other layers keep the
+per-op path.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +73,49 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
+class FusedOps(Protocol):
+    """Fused float32 operators for steps of at most ``max_rows`` tokens (``backends.cpu.native.ops.DecodeOps``).
+
+    Inputs are contiguous (``rope_``'s ``qkv``: contiguous rows); each computes
+    what its torch expression in the model computes, summation order aside.
+    """
+
+    max_rows: int
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, rms_norm(s, weight, eps))`` with ``s = x + delta`` (``x`` without ``delta``)."""
+
+    def rope_(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+              head_dim: int) -> torch.Tensor:
+        """``apply_rope`` in place on the first ``num_heads`` heads of each ``[T, ...]`` row."""
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``F.silu(gate) * up`` of ``gate_up`` ``[T, 2 * inter]`` -> ``[T, inter]``."""
+
+    def attn_in(self, x: torch.Tensor, delta: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
+                w_qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                rope_heads: int, head_dim: int, sum_out: torch.Tensor, h: torch.Tensor, qkv: torch.Tensor) -> None:
+        """``sum_out, h = add_rms_norm(x, delta)``, ``qkv = rope_(linear(h, w_qkv, bias))`` into the buffers."""
+
+    def mlp_block(self, attn: torch.Tensor, w_o: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: float,
+                  w_gate_up: torch.Tensor, w_down: torch.Tensor, scratch: Any, sum_out: torch.Tensor) -> torch.Tensor:
+        """``sum_out = x + o_proj(attn)``; returns ``down(silu_mul(gate_up(rms_norm(sum_out))))`` (in ``scratch``)."""
+
+    def mlp_scratch(self, rows: int, hidden: int, inter: int) -> Any:
+        """The reusable intermediate buffers of ``mlp_block`` for ``rows`` tokens."""
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _plain(*tensors: torch.Tensor | None) -> bool:
+    """All given weights contiguous float32 CPU tensors (not quantized), as the fused entry points take them."""
+    return all(t is None or (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.is_cpu
+                             and t.is_contiguous()) for t in tensors)
+
+
 class LlamaModel:
     """Decoder weights plus the forward pass for every family; holds no per-step state.
 
@@ -71,6 +124,7 @@ class LlamaModel:
     has the signature of ``F.linear`` (``x [T, in]``, ``w [out, in]``,
     optional bias) and may return a non-contiguous ``[T, out]`` view; devices
     pass their fastest GEMM orientation (and a quantized one may slot in).
+    ``ops`` (float32 only) are used for steps of at most ``ops.max_rows`` tokens.
     """
 
     def __init__(
@@ -81,12 +135,14 @@ class LlamaModel:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         linear: Linear = F.linear,
+        ops: FusedOps | None = None,
     ) -> None:
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         self.config = config
         self.attention = attention
         self.linear = linear
+        self.ops = ops if dtype == torch.float32 else None
         self.dtype = dtype
         self.device = torch.device(device)
         self.weights = load_weights(config, weights, dtype)
@@ -96,6 +152,7 @@ class LlamaModel:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.act = ACTIVATIONS[config.hidden_act]
+        self.is_silu = config.hidden_act == "silu"
         # One rotary per distinct (base, scaling) of the layers; rope_index[i] picks layer i's.
         ropes = [repr(config.layer_rope(i)) for i in range(config.num_hidden_layers)]
         distinct = list(dict.fromkeys(ropes))
@@ -109,6 +166,10 @@ class LlamaModel:
         # the ranks of the row-parallel o_proj / down outputs, and a vocab-parallel lookup.
         self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.embedding: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.embedding
+        # Fused decode layers (ops with attn_in / mlp_block): per layer whether each half applies,
+        # decided on the first fused step; the buffers they write, per step shape, reused step after step.
+        self._fused_plan: list[tuple[bool, bool]] | None = None
+        self._scratch: dict[tuple[int, int, int], dict[str, Any]] = {}
 
     def _move_weights(self) -> None:
         w = self.weights
@@ -142,13 +203,83 @@ class LlamaModel:
         x = self.embedding(input_ids, self.weights.embed)                      # [T, hidden]
         if self.embed_scale is not None:
             x = x * self.embed_scale                                           # [T, hidden]
+        ops = self.ops if self.ops is not None and input_ids.shape[0] <= self.ops.max_rows else None
+        delta = None                                                           # fused: the last MLP output, unadded
+        plan = self._plan() if ops is not None and hasattr(ops, "attn_in") else None
         for i, layer in enumerate(self.weights.layers):
             cos, sin = rope[self.rope_index[i]]
-            x = self._layer(i, layer, x, cos, sin, kv_caches[i], attn_metadata)  # [T, hidden]
-        x = x.index_select(0, logits_indices)                                   # [N, hidden]
-        x = rms_norm(x, self.weights.final_norm, self.config.rms_norm_eps)      # [N, hidden]
+            if plan is not None and plan[i][0]:
+                x, delta = self._fused_layer(i, layer, x, delta, cos, sin, kv_caches[i], attn_metadata,
+                                             plan[i][1])                       # [T, hidden] each
+                continue
+            x, delta = self._layer(i, layer, x, delta, cos, sin, kv_caches[i], attn_metadata, ops)  # [T, hidden]
+        if ops is not None:
+            x, delta = ops.add_rms_norm(_dense(x), None if delta is None else _dense(delta),
+                                        self.weights.final_norm, self.config.rms_norm_eps)  # [T, hidden] each
+            x = delta.index_select(0, logits_indices)                          # [N, hidden]
+        else:
+            x = x.index_select(0, logits_indices)                               # [N, hidden]
+            x = rms_norm(x, self.weights.final_norm, self.config.rms_norm_eps)  # [N, hidden]
         logits = self.linear(x, self.weights.lm_head, None)                     # [N, vocab]
         return softcap(logits, self.config.final_logit_softcap).float().contiguous()  # [N, vocab]
+
+    def _plan(self) -> list[tuple[bool, bool]]:
+        """Per layer: (attention input fusable: no qk norm; rest fusable: plain SwiGLU layer, one rank)."""
+        if self._fused_plan is None or self.all_reduce is not None:
+            self._fused_plan = [
+                (w.q_norm is None and self.device.type == "cpu" and _plain(w.input_norm, w.qkv, w.qkv_bias),
+                 w.router is None and w.attn_out_norm is None and w.mlp_out_norm is None and self.is_silu
+                 and self.all_reduce is None and w.gate_up is not None and w.down is not None
+                 and _plain(w.o_proj, w.post_norm, w.gate_up, w.down))
+                for w in self.weights.layers]
+        return self._fused_plan
+
+    def _buffers(self, rows: int, hidden: int, n_qkv: int, inter: int) -> dict[str, Any]:
+        key = (rows, n_qkv, inter)
+        bufs = self._scratch.get(key)
+        if bufs is None:
+            if len(self._scratch) > 64:                                        # bounded: a few shapes in practice
+                self._scratch.clear()
+            bufs = self._scratch[key] = {
+                "res": torch.empty(rows, hidden), "h": torch.empty(rows, hidden), "qkv": torch.empty(rows, n_qkv),
+                "mlp": self.ops.mlp_scratch(rows, hidden, inter) if inter else None}
+        return bufs
+
+    def _fused_layer(self, layer_idx: int, w: LayerWeights, x: torch.Tensor, delta: torch.Tensor | None,
+                     cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache, attn_metadata: Any,
+                     mlp_fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_layer`` with ``ops`` in two native calls (attention input; o_proj through the MLP where
+        ``mlp_fused``), writing reused buffers: returns ``(x + a, m)`` like the fused ``_layer``."""
+        ops = self.ops
+        num_tokens, hidden = x.shape
+        h_q, h_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        eps = self.config.rms_norm_eps
+        n_qkv = w.qkv.shape[0]
+        bufs = self._buffers(num_tokens, hidden, n_qkv, w.down.shape[1] if mlp_fused else 0)
+        x = _dense(x)
+        res = bufs["res"]
+        ops.attn_in(x, None if delta is None else _dense(delta), w.input_norm, eps, w.qkv, w.qkv_bias, cos, sin,
+                    h_q + h_kv, d, res if delta is not None else x, bufs["h"], bufs["qkv"])
+        x = res if delta is not None else x                                    # [T, hidden]: x + delta
+        qkv = bufs["qkv"]                                                      # [T, (H + 2*Hkv) * D]
+        qk = qkv[:, : (h_q + h_kv) * d].view(num_tokens, h_q + h_kv, d)        # [T, H + Hkv, D]
+        v = qkv[:, (h_q + h_kv) * d:].view(num_tokens, h_kv, d)                # [T, Hkv, D]
+        attn = self.attention.forward(layer_idx, qk[:, :h_q], qk[:, h_q:], v, kv_cache, attn_metadata,
+                                      self.layer_attention[layer_idx])         # [T, H, D]
+        attn = _dense(attn.reshape(num_tokens, h_q * d))                       # [T, H * D]
+        if mlp_fused:
+            m = ops.mlp_block(attn, w.o_proj, x, w.post_norm, eps, w.gate_up, w.down, bufs["mlp"], res)
+            return res, m                                                      # [T, hidden] each
+        o = self._reduce(self.linear(attn, w.o_proj, None))                    # [T, hidden]
+        if w.attn_out_norm is not None:
+            o = rms_norm(o, w.attn_out_norm, eps)                              # [T, hidden]
+        x, h = ops.add_rms_norm(x, _dense(o), w.post_norm, eps)                # [T, hidden] each
+        m = moe_forward(h, w, self.config, self.linear, self.act) if w.router is not None \
+            else self._mlp(h, w.gate_up, w.down, ops)                          # [T, hidden]
+        m = self._reduce(m)
+        if w.mlp_out_norm is not None:
+            m = rms_norm(m, w.mlp_out_norm, eps)                               # [T, hidden]
+        return x, m
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.all_reduce is None else self.all_reduce(x)
@@ -158,22 +289,36 @@ class LlamaModel:
         layer_idx: int,
         w: LayerWeights,
         x: torch.Tensor,
+        delta: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache,
         attn_metadata: Any,
-    ) -> torch.Tensor:
+        ops: FusedOps | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decoder layer over ``x`` (plus the previous layer's unadded ``delta``, fused path only).
+
+        Returns ``(x + m, None)``, or with ``ops`` ``(x, m)``: the MLP output
+        ``m`` is added by the next layer's (or the final) norm.
+        """
         num_tokens = x.shape[0]
         h_q, h_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         eps = self.config.rms_norm_eps
 
         linear = self.linear
-        h = rms_norm(x, w.input_norm, eps)                                     # [T, hidden]
+        if ops is not None:
+            x, h = ops.add_rms_norm(_dense(x), None if delta is None else _dense(delta), w.input_norm, eps)
+        else:
+            h = rms_norm(x, w.input_norm, eps)                                 # [T, hidden]
         qkv = linear(h, w.qkv, w.qkv_bias)                                     # [T, (H + 2*Hkv) * D]
-        qk = qkv[:, : (h_q + h_kv) * d].reshape(num_tokens, h_q + h_kv, d)      # [T, H + Hkv, D]
-        if w.q_norm is not None:
-            qk = torch.cat((rms_norm(qk[:, :h_q], w.q_norm, eps), rms_norm(qk[:, h_q:], w.k_norm, eps)), dim=1)
-        qk = apply_rope(qk, cos, sin)                                          # [T, H + Hkv, D]
+        if ops is not None and w.q_norm is None and qkv.stride(-1) == 1:
+            ops.rope_(qkv, cos, sin, h_q + h_kv, d)                            # q and k rotated in place
+            qk = qkv[:, : (h_q + h_kv) * d].view(num_tokens, h_q + h_kv, d)    # [T, H + Hkv, D]
+        else:
+            qk = qkv[:, : (h_q + h_kv) * d].reshape(num_tokens, h_q + h_kv, d)  # [T, H + Hkv, D]
+            if w.q_norm is not None:
+                qk = torch.cat((rms_norm(qk[:, :h_q], w.q_norm, eps), rms_norm(qk[:, h_q:], w.k_norm, eps)), dim=1)
+            qk = apply_rope(qk, cos, sin)                                      # [T, H + Hkv, D]
         q = qk[:, :h_q]                                                        # [T, H, D]
         k = qk[:, h_q:]                                                        # [T, Hkv, D]
         v = qkv[:, (h_q + h_kv) * d:].reshape(num_tokens, h_kv, d)              # [T, Hkv, D]
@@ -182,18 +327,28 @@ class LlamaModel:
         o = self._reduce(linear(attn.reshape(num_tokens, h_q * d), w.o_proj, None))  # [T, hidden]
         if w.attn_out_norm is not None:
             o = rms_norm(o, w.attn_out_norm, eps)                              # [T, hidden]
-        x = x + o                                                              # [T, hidden]
-
-        h = rms_norm(x, w.post_norm, eps)                                      # [T, hidden]
+        if ops is not None:
+            x, h = ops.add_rms_norm(x, _dense(o), w.post_norm, eps)            # [T, hidden] each
+        else:
+            x = x + o                                                          # [T, hidden]
+            h = rms_norm(x, w.post_norm, eps)                                  # [T, hidden]
         if w.router is not None:
             m = moe_forward(h, w, self.config, linear, self.act)               # [T, hidden]
         else:
-            m = self._mlp(h, w.gate_up, w.down)                                # [T, hidden]
+            m = self._mlp(h, w.gate_up, w.down, ops)                           # [T, hidden]
         m = self._reduce(m)
         if w.mlp_out_norm is not None:
             m = rms_norm(m, w.mlp_out_norm, eps)                               # [T, hidden]
-        return x + m                                                           # [T, hidden]
+        if ops is not None:
+            return x, m                                                        # [T, hidden] each
+        return x + m, None                                                     # [T, hidden]
 
-    def _mlp(self, h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        gate, up = self.linear(h, gate_up, None).chunk(2, dim=-1)             # [T, inter] each
-        return self.linear(self.act(gate) * up, down, None)                   # [T, hidden]
+    def _mlp(self, h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+             ops: FusedOps | None = None) -> torch.Tensor:
+        gu = self.linear(h, gate_up, None)                                     # [T, 2 * inter]
+        if ops is not None and self.is_silu and gu.is_contiguous():
+            act = ops.silu_mul(gu)                                             # [T, inter]
+        else:
+            gate, up = gu.chunk(2, dim=-1)                                     # [T, inter] each
+            act = self.act(gate) * up                                          # [T, inter]
+        return self.linear(act, down, None)                                    # [T, hidden]

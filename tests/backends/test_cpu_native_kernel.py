@@ -68,6 +68,22 @@ def test_large_scores_do_not_overflow(kernel):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_reads_query_rows_of_a_wider_buffer(kernel):
+    """q as the attention sees it in a decode step: the first heads of each row of a fused QKV buffer."""
+    lens = [3, 40, 17]
+    q, k_cache, v_cache, _, padded = random_batch(lens, 6, 2, 64, 16, seed=2)
+    cl = torch.tensor(lens, dtype=torch.int32)
+    qkv = torch.randn(3, 10 * 64)                                       # [n, (H + 2 Hkv) * D]
+    qkv[:, : 6 * 64] = q.reshape(3, -1)
+    strided = qkv[:, : 6 * 64].view(3, 6, 64)
+    assert not strided.is_contiguous()
+    out = torch.full((3, 6, 64), float("nan"))
+    assert kernel(strided, k_cache, v_cache, padded, cl, 0.125, out=out) is out
+    assert torch.equal(out, kernel(q, k_cache, v_cache, padded, cl, 0.125))
+    with pytest.raises(ValueError, match="out must be"):
+        kernel(strided, k_cache, v_cache, padded, cl, 0.125, out=torch.empty(3, 6, 32))
+
+
 def test_bad_inputs_are_refused(kernel):
     q, k_cache, v_cache, _, padded = random_batch([4], 4, 2, 64, 16)
     lens = torch.tensor([4], dtype=torch.int32)
@@ -91,3 +107,29 @@ def test_disabled_by_the_environment(monkeypatch):
     finally:
         monkeypatch.undo()
         native.decode_attention.cache_clear()
+
+
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [1, 4, 1]])        # decode-only (rows in place), mixed
+def test_attention_with_the_kernel_matches_the_gather_path(kernel, query_lens):
+    from backends.cpu.attention import CPUAttention
+
+    heads, kv_heads, d, bs = 6, 2, 64, 16
+    computed = [20, 3, 33]
+    tables = [[0, 1], [2], [3, 4, 5]]
+    slots = [tables[r][p // bs] * bs + p % bs for r, (c, n) in enumerate(zip(computed, query_lens))
+             for p in range(c, c + n)]
+    g = torch.Generator().manual_seed(7)
+    k_cache, v_cache = torch.randn(6, bs, kv_heads, d, generator=g), torch.randn(6, bs, kv_heads, d, generator=g)
+    qkv = torch.randn(len(slots), (heads + 2 * kv_heads) * d, generator=g)                  # [T, (H + 2 Hkv) * D]
+    q = qkv[:, : heads * d].view(-1, heads, d)                                               # strided rows
+    k = qkv[:, heads * d: (heads + kv_heads) * d].view(-1, kv_heads, d)
+    v = qkv[:, (heads + kv_heads) * d:].view(-1, kv_heads, d)
+    outs = []
+    for use_native in (None, False):
+        attention = CPUAttention(heads, kv_heads, d, use_native_kernel=use_native)
+        assert (attention.decode_kernel is not None) == (use_native is None)
+        meta = attention.build_metadata(query_lens, computed, tables, slots, bs)
+        if use_native is None:
+            assert meta.native_decode.every == (max(query_lens) == 1)                        # the in-place path
+        outs.append(attention.forward(0, q, k, v, (k_cache.clone(), v_cache.clone()), meta))   # [T, H, D]
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-5)

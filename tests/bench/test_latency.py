@@ -26,7 +26,7 @@ def check_breakdown(r: dict, parts: set[str]) -> None:
     assert sum(r["shares"].values()) == pytest.approx(1.0, abs=1e-6)
     assert r["breakdown_ms"]["matmul"] > 0 and r["breakdown_ms"]["engine"] > 0
     assert 0 < r["not_matmul_share"] < 1
-    assert r["not_matmul_share"] == pytest.approx(1 - r["shares"]["matmul"])
+    assert r["not_matmul_share"] == pytest.approx(1 - r["shares"]["matmul"] - r["shares"].get("fused_layer", 0.0))
     assert 0 < r["overhead_ms"] < r["decode_step_ms"]
     assert r["overhead_ms"] == pytest.approx(sum(r["breakdown_ms"][k] for k in OVERHEAD_PARTS if k in parts))
 
@@ -43,7 +43,8 @@ def check_times(r: dict, prompt: int, output: int) -> None:
 def test_cpu_latency_defaults_to_128_plus_128(tiny_model_dir, tmp_path, capsys):
     r = run_latency(tiny_model_dir, tmp_path, "cpu", "--profile-ops", "3")
     check_times(r, 128, 128)
-    check_breakdown(r, {"matmul", "attention", "model_other", "prepare", "sampler", "backend_other", "engine"})
+    check_breakdown(r, {"matmul", "fused_layer", "attention", "model_other", "prepare", "sampler", "backend_other",
+                        "engine"})
     assert r["matmul_estimated"] is False
     if r["native_attention_ms"] is not None:                 # the native kernel is part of attention
         assert 0 < r["native_attention_ms"] <= r["breakdown_ms"]["attention"]
@@ -63,10 +64,11 @@ def test_metal_latency_with_lengths(tiny_model_dir, tmp_path, capsys):
 
 
 def test_breakdown_parts_sum_to_the_step():
-    totals = {"execute": 0.008, "compute_logits": 0.006, "forward": 0.005, "matmul": 0.003, "attention": 0.001,
-              "sampler": 0.001}
+    totals = {"execute": 0.008, "compute_logits": 0.006, "forward": 0.005, "matmul": 0.002, "fused_layer": 0.001,
+              "attention": 0.001, "sampler": 0.001}
     parts = breakdown("cpu", totals, 0.010)
-    assert parts == pytest.approx({"matmul": 0.003, "attention": 0.001, "model_other": 0.001, "prepare": 0.001,
+    assert parts == pytest.approx({"matmul": 0.002, "fused_layer": 0.001, "attention": 0.001, "model_other": 0.001,
+                                   "prepare": 0.001,
                                    "sampler": 0.001, "backend_other": 0.001, "engine": 0.002})
     mlx = breakdown("metal", {"execute": 0.008, "compute_logits": 0.007, "forward": 0.001, "sampler": 0.001},
                     0.010, mlx_matmul_s=0.009)

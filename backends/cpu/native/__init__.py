@@ -2,13 +2,17 @@
 
 ``decode_attention()`` returns the paged decode-attention kernel of
 ``paged_decode_attention.c`` (float32, reads the cache in place through the
-block tables) or None when it cannot be built here (no C compiler, a
-compiler error, ``PAGEDGEN_CPU_KERNELS=0``); the cpu backend then keeps its
-pure-torch path, which computes the same thing.
+block tables); ``decode_ops()`` the small-batch GEMM and fused elementwise
+operators of ``decode_ops.c`` (``ops.DecodeOps``). Each is None when it
+cannot be built here (no C compiler, a compiler error,
+``PAGEDGEN_CPU_KERNELS=0``); the cpu backend then keeps its pure-torch path,
+which computes the same thing.
 
-The shared library is built once per source, compiler and CPU (it is
+A shared library is built once per source, compiler and CPU (it is
 compiled with ``-march=native``) into ``$PAGEDGEN_CACHE_DIR/kernels`` and
-loaded with ctypes; a call releases the GIL while it runs.
+loaded with ctypes; a call releases the GIL while it runs. OpenMP resolves
+to the runtime torch has already loaded (same soname), so the kernels and
+torch share one thread pool.
 """
 
 from __future__ import annotations
@@ -23,18 +27,24 @@ import tempfile
 import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 import torch
 
 from common import envs
 
+if TYPE_CHECKING:
+    from backends.cpu.native.ops import DecodeOps
+
 log = structlog.get_logger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_decode_attention.c")
+_ATTENTION_SOURCE = Path(__file__).with_name("paged_decode_attention.c")
+_OPS_SOURCE = Path(__file__).with_name("decode_ops.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _lock = threading.Lock()
 _i32 = ctypes.c_int32
+_i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 
 
@@ -55,19 +65,19 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 
-def _build(compiler: str) -> Path:
-    source = _SOURCE.read_bytes()
+def _build(compiler: str, source_path: Path) -> Path:
+    source = source_path.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(_FLAGS).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     out_dir = envs.cache_dir() / "kernels"
-    target = out_dir / f"paged_decode_attention-{key}.so"
+    target = out_dir / f"{source_path.stem}-{key}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(_SOURCE), "-lm"],
+        result = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(source_path), "-lm"],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
@@ -82,7 +92,7 @@ class DecodeAttentionKernel:
     def __init__(self, library: ctypes.CDLL) -> None:
         self._fn = library.pagedgen_decode_attention_f32
         self._fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _i32, _ptr, _i32, _i32, _i32, _i32, _i32,
-                             ctypes.c_float, _i32, ctypes.c_float, _ptr, _i32]
+                             ctypes.c_float, _i32, ctypes.c_float, _ptr, _i32, _i64]
         self._fn.restype = ctypes.c_int
         limits = [_i32(), _i32(), _i32()]
         library.pagedgen_decode_attention_limits(*(ctypes.byref(x) for x in limits))
@@ -99,11 +109,18 @@ class DecodeAttentionKernel:
         """``q`` ``[n, H, D]`` float32 -> ``[n, H, D]``; caches ``[NB, bs, Hkv, D]``;
         ``block_tables`` ``[n, max_blocks]`` int32; ``context_lens`` ``[n]`` int32.
 
+        ``q``'s rows may be strided (heads of each row contiguous: a view of a
+        fused QKV buffer); ``out`` (written in place and returned) must be contiguous.
+
         ``window``: each query sees only its last ``window`` positions;
         ``softcap``: scores become ``softcap * tanh(s / softcap)``."""
         n, num_heads, head_dim = q.shape
         _, block_size, num_kv_heads, cache_dim = k_cache.shape
-        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if q.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != head_dim \
+                or q.stride(0) < num_heads * head_dim:
+            raise ValueError(f"q must be a float32 [n, H, D] tensor with contiguous rows, got {q.dtype} strides "
+                             f"{q.stride()}")
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
             if t.dtype != torch.float32 or not t.is_contiguous():
                 raise ValueError(f"{name} must be a contiguous float32 tensor")
         if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
@@ -113,30 +130,47 @@ class DecodeAttentionKernel:
             raise ValueError("inconsistent shapes for paged decode attention")
         block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
         if out is None:
-            out = torch.empty_like(q)
+            out = torch.empty(q.shape, dtype=q.dtype)                                   # [n, H, D]
+        elif out.shape != q.shape or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 {tuple(q.shape)} tensor, got {tuple(out.shape)}")
         status = self._fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
                           block_tables.shape[1], context_lens.data_ptr(), n, num_heads, num_kv_heads,
                           head_dim, block_size, scale, window or 0, softcap or 0.0, out.data_ptr(),
-                          num_threads or torch.get_num_threads())
+                          num_threads or torch.get_num_threads(), q.stride(0))
         if status != 0:
             raise ValueError(f"paged decode attention does not support heads={num_heads}, "
                              f"kv_heads={num_kv_heads}, head_dim={head_dim}, block_size={block_size}")
         return out
 
 
-@lru_cache(maxsize=1)
-def decode_attention() -> DecodeAttentionKernel | None:
-    """The compiled kernel, or None where it cannot be built (logged once)."""
+def _load(source: Path, fallback: str) -> ctypes.CDLL | None:
+    """The compiled library of ``source``, or None where it cannot be built (logged)."""
     if not envs.get_bool("PAGEDGEN_CPU_KERNELS"):
         return None
     compiler = _compiler()
     if compiler is None:
-        log.warning("cpu_kernel_unavailable", reason="no C compiler (cc, gcc, clang) on PATH; using torch attention")
+        log.warning("cpu_kernel_unavailable", reason="no C compiler (cc, gcc, clang) on PATH", fallback=fallback)
         return None
     try:
         with _lock:
-            path = _build(compiler)
-        return DecodeAttentionKernel(ctypes.CDLL(str(path)))
+            path = _build(compiler, source)
+        return ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("cpu_kernel_unavailable", reason=str(e)[:500], fallback="torch attention")
+        log.warning("cpu_kernel_unavailable", reason=str(e)[:500], fallback=fallback)
         return None
+
+
+@lru_cache(maxsize=1)
+def decode_attention() -> DecodeAttentionKernel | None:
+    """The compiled attention kernel, or None where it cannot be built (logged once)."""
+    library = _load(_ATTENTION_SOURCE, "torch attention")
+    return None if library is None else DecodeAttentionKernel(library)
+
+
+@lru_cache(maxsize=1)
+def decode_ops() -> "DecodeOps | None":
+    """The compiled small-batch operators (``ops.DecodeOps``), or None where they cannot be built (logged once)."""
+    from backends.cpu.native.ops import DecodeOps
+
+    library = _load(_OPS_SOURCE, "torch operators")
+    return None if library is None else DecodeOps(library)

@@ -12,7 +12,7 @@
  * tokens, then one rescale of the running sum and accumulator.
  *
  * Layouts (all contiguous, row-major):
- *   q             [num_seqs, num_heads, head_dim]
+ *   q             [num_seqs, num_heads, head_dim] (rows q_row_stride floats apart)
  *   k_cache       [num_blocks, block_size, num_kv_heads, head_dim]  (v_cache the same)
  *   block_tables  [num_seqs, max_blocks] int32 (entries past a sequence's context are ignored)
  *   context_lens  [num_seqs] int32, each >= 1
@@ -169,18 +169,20 @@ static void attend_sequence(const float *q, const float *k_cache, const float *v
     }
 }
 
-/* Returns 0, or -1 when a shape is outside the limits (nothing written).
+/* Returns 0, or -1 when a shape is outside the limits (nothing written). Sequence s's query heads
+ * start at q + s * q_row_stride (>= num_heads * head_dim: a row of a wider QKV buffer); out is dense.
  * window <= 0: full attention; softcap <= 0: no cap. */
 int pagedgen_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
                                   const int32_t *block_tables, int32_t max_blocks, const int32_t *context_lens,
                                   int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
                                   int32_t block_size, float scale, int32_t window, float softcap, float *out,
-                                  int32_t num_threads) {
-    if (num_kv_heads < 1 || num_heads % num_kv_heads != 0) return -1;
+                                  int32_t num_threads, int64_t q_row_stride) {
+    if (num_kv_heads < 1 || num_heads % num_kv_heads != 0 || q_row_stride < (int64_t)num_heads * head_dim) return -1;
     const int32_t group = num_heads / num_kv_heads;
     if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || head_dim % 8 != 0 || block_size > MAX_BLOCK_SIZE)
         return -1;
-#pragma omp parallel num_threads(num_threads)
+    /* one sequence (single-stream decode) runs on the calling thread: forking costs more than its work */
+#pragma omp parallel num_threads(num_threads) if (num_seqs > 1)
     {
         float *work = (float *)malloc(sizeof(float) * ((size_t)num_heads * head_dim + (size_t)group * ((block_size + 7) / 8 * 8)
                                                        + 2 * (size_t)num_heads));
@@ -191,7 +193,8 @@ int pagedgen_decode_attention_f32(const float *q, const float *k_cache, const fl
 #pragma omp for schedule(dynamic, 1)
         for (int32_t seq = 0; seq < num_seqs; seq++) {
             const size_t row = (size_t)seq * num_heads * head_dim;
-            attend_sequence(q + row, k_cache, v_cache, block_tables + (size_t)seq * max_blocks, context_lens[seq],
+            attend_sequence(q + (size_t)seq * (size_t)q_row_stride, k_cache, v_cache,
+                            block_tables + (size_t)seq * max_blocks, context_lens[seq],
                             num_heads, num_kv_heads, head_dim, block_size, scale, window, softcap, out + row,
                             acc, scores, running_max, running_sum);
         }
