@@ -57,7 +57,8 @@ def test_return_timing_stamps_each_chunk_with_when_the_engine_produced_it(tiny_c
     assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)    # one step per token, in order
     plain = list(tiny_client.generate(PROMPTS[0], max_tokens=12, ignore_eos=True, temperature=0))
     assert all(c.engine_time is None for c in plain)
-    assert [c.token_ids for c in plain] == [c.token_ids for c in timed]
+    # a plain stream may merge the deltas of steps the client had not read yet; the tokens are the same
+    assert [t for c in plain for t in c.token_ids] == [t for c in timed for t in c.token_ids]
 
 
 def test_greedy_over_grpc_equals_the_offline_llm(tiny_server, tiny_client):

@@ -126,7 +126,7 @@ def test_sse_wire_format_ends_with_done(http_server):
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
         events = [line for line in resp.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events)
-    assert events[-1] == "data: [DONE]" and len(events) > 2
+    assert events[-1] == "data: [DONE]" and len(events) >= 2   # deltas the client had not read yet may merge
     assert '"usage"' not in "".join(events)                 # not asked for: no usage key at all
 
 
