@@ -128,9 +128,12 @@ def scheduler_run(num_blocks: int, budget: int, prompts: list[list[int]], late: 
         steps += 1
 
 
-@pytest.mark.parametrize("case", ["chunked", "preempted", "prefix_cached"])
-def test_every_scheduler_step_equals_the_old_per_step_construction(case):
-    rng = np.random.default_rng(1)
+SCENARIOS = ["chunked", "preempted", "prefix_cached"]
+
+
+def scenario_run(case: str, seed: int = 1):
+    """``scheduler_run`` of one scenario: chunked prefill, a pool small enough to preempt, or shared prefixes."""
+    rng = np.random.default_rng(seed)
     prompt = lambda n: rng.integers(0, 50, n).tolist()                          # noqa: E731
     shared = prompt(17)
     num_blocks, budget, prompts, late = {
@@ -138,9 +141,14 @@ def test_every_scheduler_step_equals_the_old_per_step_construction(case):
         "preempted": (14, 64, [prompt(11), prompt(10), prompt(9)], []),
         "prefix_cached": (200, 64, [shared + prompt(3)], [shared + prompt(5), shared[:9] + prompt(2)]),
     }[case]
+    return scheduler_run(num_blocks, budget, prompts, late)
+
+
+@pytest.mark.parametrize("case", SCENARIOS)
+def test_every_scheduler_step_equals_the_old_per_step_construction(case):
     batch = InputBatch(BS)
     seen_preempted = 0
-    for sched, out in scheduler_run(num_blocks, budget, prompts, late):
+    for sched, out in scenario_run(case):
         if out.is_empty:
             continue
         seen_preempted += len(out.preempted_request_ids)

@@ -9,7 +9,7 @@ mx = pytest.importorskip("mlx.core")
 
 from backends.input_batch import InputBatch                                     # noqa: E402
 from backends.metal.attention import build_attention_metadata, metadata_from_inputs   # noqa: E402
-from tests.backends.test_input_batch import BS, reference, scheduler_run       # noqa: E402
+from tests.backends.test_input_batch import BS, SCENARIOS, reference, scenario_run   # noqa: E402
 
 
 def _same(a, b) -> bool:
@@ -33,20 +33,12 @@ def assert_same_metadata(old, new) -> None:
         assert _same(p.slots, q.slots) and _same(p.mask, q.mask)
 
 
-@pytest.mark.parametrize("case", ["chunked", "preempted", "prefix_cached"])
+@pytest.mark.parametrize("case", SCENARIOS)
 @pytest.mark.parametrize("window", [None, 8])
 def test_every_scheduler_step_gives_the_metadata_of_the_lists(case, window):
-    rng = np.random.default_rng(2)
-    prompt = lambda n: rng.integers(0, 50, n).tolist()                          # noqa: E731
-    shared = prompt(17)
-    num_blocks, budget, prompts, late = {
-        "chunked": (200, 10, [prompt(23), prompt(9), prompt(31)], []),
-        "preempted": (14, 64, [prompt(11), prompt(10), prompt(9)], []),
-        "prefix_cached": (200, 64, [shared + prompt(3)], [shared + prompt(5), shared[:9] + prompt(2)]),
-    }[case]
     batch = InputBatch(BS, index_dtype=np.int32)
     steps = 0
-    for _, out in scheduler_run(num_blocks, budget, prompts, late):
+    for _, out in scenario_run(case, seed=2):
         if out.is_empty:
             continue
         step = batch.prepare(out)
