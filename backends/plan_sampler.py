@@ -84,6 +84,12 @@ class PlanSampler(ABC, Generic[ArrayT, StreamT]):
 
     def _draw(self, logits: ArrayT, draws: DrawPlan) -> list[int]:
         """Tokens of the drawing rows: temperature, min_p, top_k / top_p, one uniform each."""
+        scaled, uniforms = self._draw_inputs(logits, draws)
+        self._settle_streams()
+        return self._inverse_cdf(scaled, uniforms)
+
+    def _draw_inputs(self, logits: ArrayT, draws: DrawPlan) -> tuple[ArrayT, list[ArrayT]]:
+        """The drawing rows' filtered logits ``[R, V]`` and one uniform ``[1]`` per row (seeded streams advanced)."""
         scaled = self._scale(logits, draws.rows, draws.temperature)                        # [R, V]
         if draws.min_p_log is not None:
             scaled = self._apply_min_p(scaled, draws.min_p_log)                            # [R, V]
@@ -99,8 +105,7 @@ class PlanSampler(ABC, Generic[ArrayT, StreamT]):
             if stream is None:
                 stream = self._new_stream(draw.seed, draw.num_drawn)
             uniforms[draw.position], self._seeded[draw.request_id] = self._draw_seeded(stream)
-        self._settle_streams()
-        return self._inverse_cdf(scaled, uniforms)
+        return scaled, uniforms
 
     def _settle_streams(self) -> None:
         """Called after a step's draws (MLX evaluates its keys there); nothing by default."""

@@ -191,21 +191,7 @@ class MetalSampler(PlanSampler[mx.array, mx.array]):
 
     def _draw_tokens(self, logits: mx.array, draws: DrawPlan) -> mx.array:
         """Lazy tokens ``[R]`` of the drawing rows (``PlanSampler._draw``'s stages; keys advanced, not evaluated)."""
-        scaled = self._scale(logits, draws.rows, draws.temperature)                        # [R, V]
-        if draws.min_p_log is not None:
-            scaled = self._apply_min_p(scaled, draws.min_p_log)                            # [R, V]
-        if draws.top_k_top_p is not None:
-            scaled = self._apply_top_k_top_p(scaled, draws.top_k_top_p)                   # [R, V]
-        uniforms: list[mx.array | None] = [None] * len(draws.rows)                         # [1] each
-        if draws.unseeded:
-            shared = self._draw_unseeded(len(draws.unseeded))                              # [U]
-            for u, j in enumerate(draws.unseeded):
-                uniforms[j] = shared[u:u + 1]
-        for draw in draws.seeded:
-            stream = self._seeded.get(draw.request_id)
-            if stream is None:
-                stream = self._new_stream(draw.seed, draw.num_drawn)
-            uniforms[draw.position], self._seeded[draw.request_id] = self._draw_seeded(stream)
+        scaled, uniforms = self._draw_inputs(logits, draws)                                # [R, V], [1] each
         return inverse_cdf_sample(scaled, mx.concatenate(uniforms)).astype(mx.int32)      # [R]
 
     def _logprob_arrays(self, logprobs: mx.array, sampled: mx.array, num_top: int) -> list[mx.array]:

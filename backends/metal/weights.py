@@ -30,8 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from model.config import ModelConfig
-from model.weights.canonical import expected_shapes
-from model.weights.quant import QuantizedTensor, concat_rows
+from model.weights.quant import QuantizedTensor, backend_weight_shapes, checked_weight, concat_rows
 
 
 @dataclass(frozen=True)
@@ -132,21 +131,12 @@ def load_weights(config: ModelConfig, weights: dict, dtype: mx.Dtype):
     ``1 + weight``) in float32 and stay float32 for ``norm_in_float32``
     families. Raises ``ValueError`` naming the first missing or mis-shaped tensor.
     """
-    shapes = expected_shapes(config)
-    if "lm_head.weight" in weights and "lm_head.weight" not in shapes:
-        shapes = {**shapes, "lm_head.weight": (config.vocab_size, config.hidden_size)}
+    shapes = backend_weight_shapes(config, weights)
     traits = config.traits
     norm_dtype = mx.float32 if traits.norm_in_float32 else dtype
 
     def get(name: str) -> np.ndarray | QuantizedTensor:
-        if name not in weights:
-            raise ValueError(f"weight {name!r} is missing")
-        tensor = weights[name]
-        if not isinstance(tensor, QuantizedTensor):
-            tensor = np.asarray(tensor)
-        if tuple(tensor.shape) != shapes[name]:
-            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {shapes[name]}")
-        return tensor
+        return checked_weight(weights, shapes, name)
 
     def dense(*names: str, axis: int = 0, transpose: bool = False) -> mx.array:
         arrays = [_values(get(n)) for n in names]

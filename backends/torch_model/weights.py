@@ -36,8 +36,7 @@ import numpy as np
 import torch
 
 from model.config import ModelConfig
-from model.weights.canonical import expected_shapes
-from model.weights.quant import QuantizedTensor, concat_rows
+from model.weights.quant import QuantizedTensor, backend_weight_shapes, checked_weight, concat_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -149,21 +148,12 @@ def load_weights(config: ModelConfig, weights: dict, dtype: torch.dtype,
     docstring); empty: everything dequantized to float32 first.
     Raises ``ValueError`` naming the first missing or mis-shaped tensor.
     """
-    shapes = expected_shapes(config)
-    if "lm_head.weight" in weights and not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    shapes = backend_weight_shapes(config, weights)
     traits = config.traits
     norm_dtype = torch.float32 if traits.norm_in_float32 else dtype
 
     def raw(name: str) -> np.ndarray | QuantizedTensor:
-        if name not in weights:
-            raise ValueError(f"weight {name!r} is missing")
-        value = weights[name]
-        if not isinstance(value, QuantizedTensor):
-            value = np.asarray(value)
-        if tuple(value.shape) != shapes[name]:
-            raise ValueError(f"weight {name!r} has shape {tuple(value.shape)}, expected {shapes[name]}")
-        return value
+        return checked_weight(weights, shapes, name)
 
     def get(name: str) -> torch.Tensor:
         value = raw(name)

@@ -214,6 +214,30 @@ def check_quantized_weights(config: ModelConfig, weights: dict, source: str) -> 
     return out
 
 
+def backend_weight_shapes(config: ModelConfig, weights: dict) -> dict[str, tuple[int, ...]]:
+    """``expected_shapes`` plus an ``lm_head.weight`` a tied checkpoint still carries (checked, not used)."""
+    shapes = expected_shapes(config)
+    if "lm_head.weight" in weights:
+        shapes.setdefault("lm_head.weight", (config.vocab_size, config.hidden_size))
+    return shapes
+
+
+def checked_weight(weights: dict, shapes: dict[str, tuple[int, ...]], name: str) -> np.ndarray | QuantizedTensor:
+    """``weights[name]`` (a numpy array, or a ``QuantizedTensor`` as it is) of shape ``shapes[name]``.
+
+    What every backend's weight preparation reads through; raises
+    ``ValueError`` naming a missing or mis-shaped tensor.
+    """
+    if name not in weights:
+        raise ValueError(f"weight {name!r} is missing")
+    tensor = weights[name]
+    if not isinstance(tensor, QuantizedTensor):
+        tensor = np.asarray(tensor)
+    if tuple(tensor.shape) != shapes[name]:
+        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {shapes[name]}")
+    return tensor
+
+
 def weight_format(weights: dict) -> str:
     """What ``weights`` hold, most tensors first: ``"float32"``, ``"Q4_1+Q8_0"``, ``"mlx-affine"``, ..."""
     counts = Counter(t.source for t in weights.values() if isinstance(t, QuantizedTensor))
