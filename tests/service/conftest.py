@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import structlog
@@ -50,6 +52,11 @@ class ServerThread:
     @property
     def address(self) -> str:
         return self.server.address
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI HTTP API's base address (``ServerOptions(openai_port=0)``)."""
+        return f"http://127.0.0.1:{self.server.openai_port}"
 
     def client(self, **kwargs) -> Client:
         return Client(self.address, **kwargs)
@@ -96,17 +103,30 @@ def tiny_engine_args(model: str | None, **overrides):
     return EngineArgs(**{**defaults, **overrides})
 
 
+@contextmanager
+def serving(model_dir: str | None, options: ServerOptions | None = None, *, grace: float = 2.0,
+            **engine_overrides) -> Iterator[ServerThread]:
+    """A real AsyncEngine over ``model_dir`` (``tiny_engine_args`` with ``engine_overrides``) behind a
+    started server; on exit the server stops (``grace`` seconds) and the engine shuts down."""
+    from engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(tiny_engine_args(model_dir, **engine_overrides))
+    server = ServerThread(engine, options)
+    try:
+        yield server
+    finally:
+        try:
+            server.stop(grace=grace)
+        finally:
+            engine.shutdown()
+
+
 @pytest.fixture(scope="module")
 def tiny_server(tiny_model_dir):
     """A real AsyncEngine on the tiny model behind a real server (per module)."""
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir))
-    server = ServerThread(engine)
-    server.model_dir = tiny_model_dir
-    yield server
-    server.stop(grace=2.0)
-    engine.shutdown()
+    with serving(tiny_model_dir) as server:
+        server.model_dir = tiny_model_dir
+        yield server
 
 
 @pytest.fixture(scope="module")

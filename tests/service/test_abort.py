@@ -13,7 +13,7 @@ import pytest
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
 from service.server import ServerOptions
-from tests.service.conftest import ServerThread, tiny_engine_args
+from tests.service.conftest import serving
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,14 +22,9 @@ LONG = pb.SamplingParams(max_tokens=480, ignore_eos=True, temperature=0)
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir))
-    srv = ServerThread(engine, ServerOptions(port=0, openai_port=0))
-    srv.http = f"http://127.0.0.1:{srv.server.openai_port}"
-    yield srv
-    srv.stop(grace=2.0)
-    engine.shutdown()
+    with serving(tiny_model_dir, ServerOptions(port=0, openai_port=0)) as srv:
+        srv.http = srv.http_url
+        yield srv
 
 
 @pytest.fixture(scope="module")

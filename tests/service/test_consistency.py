@@ -19,7 +19,7 @@ from pagedgen_client import PagedgenClientError
 from service.limits import RequestLimits
 from service.openai.errors import error_of
 from service.server import ServerOptions
-from tests.service.conftest import ServerThread, tiny_engine_args
+from tests.service.conftest import ServerThread, serving
 from tests.service.test_metrics import delta, scrape, scrape_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -32,17 +32,11 @@ SHORT, LONG_PROMPT = "Hi", "The cat watches the morning light over the quiet har
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir, max_model_len=MAX_MODEL_LEN))
-    srv = ServerThread(engine, ServerOptions(port=0, openai_port=0, metrics_port=0, served_model_name=SERVED,
-                                             limits=RequestLimits(max_n=2, max_tokens=MAX_OUTPUT)))
-    srv.openai = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server.openai_port}/v1", api_key="unused",
-                               max_retries=0, timeout=60)
-    yield srv
-    srv.openai.close()
-    srv.stop(grace=2.0)
-    engine.shutdown()
+    options = ServerOptions(port=0, openai_port=0, metrics_port=0, served_model_name=SERVED,
+                            limits=RequestLimits(max_n=2, max_tokens=MAX_OUTPUT))
+    with serving(tiny_model_dir, options, max_model_len=MAX_MODEL_LEN) as srv, \
+            openai.OpenAI(base_url=f"{srv.http_url}/v1", api_key="unused", max_retries=0, timeout=60) as srv.openai:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +118,8 @@ def test_a_duplicate_request_id_is_409_over_http():
 
 def test_a_duplicate_x_request_id_is_409_over_http(tiny_model_dir):
     """Live, once the HTTP API honours X-Request-Id as the request id."""
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir))
-    srv = ServerThread(engine, ServerOptions(port=0, openai_port=0))
-    base = f"http://127.0.0.1:{srv.server.openai_port}"
-    try:
+    with serving(tiny_model_dir, ServerOptions(port=0, openai_port=0), grace=1.0) as srv:
+        base = srv.http_url
         body = {"prompt": "The cat watches", "max_tokens": 480, "ignore_eos": True, "stream": True}
         with httpx.Client(base_url=base, timeout=30) as http, \
                 http.stream("POST", "/v1/completions", json=body, headers={"x-request-id": "same"}) as first:
@@ -140,9 +130,6 @@ def test_a_duplicate_x_request_id_is_409_over_http(tiny_model_dir):
             second = http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2},
                                headers={"x-request-id": "same"})
             assert second.status_code == 409, second.text
-    finally:
-        srv.stop(grace=1.0)
-        engine.shutdown()
 
 
 # -- an EOS stop reports its token id --------------------------------------------------------
@@ -213,13 +200,9 @@ def test_http_requests_count_in_the_outcome_metrics(server):
 
 
 def test_log_requests_covers_http_requests(tiny_model_dir):
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir))
-    srv = ServerThread(engine, ServerOptions(port=0, openai_port=0, log_requests=True))
-    try:
-        with openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server.openai_port}/v1", api_key="x",
-                           max_retries=0) as oa, capture_logs() as logs:
+    with serving(tiny_model_dir, ServerOptions(port=0, openai_port=0, log_requests=True), grace=1.0) as srv:
+        with openai.OpenAI(base_url=f"{srv.http_url}/v1", api_key="x", max_retries=0) as oa, \
+                capture_logs() as logs:
             reply = oa.completions.create(model=None, prompt="secret prompt", max_tokens=3, temperature=0)
             streamed = "".join(c.choices[0].delta.content or "" for c in oa.chat.completions.create(
                 model=None, messages=[{"role": "user", "content": "chat secret"}], max_tokens=3, stream=True,
@@ -237,6 +220,3 @@ def test_log_requests_covers_http_requests(tiny_model_dir):
         http = [e for e in logs if e["event"] == "http_request"]
         assert [(e["endpoint"], e["status"], e["finish_reasons"]) for e in http] == [
             ("completions", 200, ["length"]), ("chat", 200, ["length"])]
-    finally:
-        srv.stop(grace=1.0)
-        engine.shutdown()

@@ -230,12 +230,9 @@ def _wait_for_stats(client, predicate, timeout: float = 5.0):
 
 
 def test_queue_full_is_resource_exhausted(tiny_model_dir):
-    from engine.async_engine import AsyncEngine
-    from tests.service.conftest import ServerThread, tiny_engine_args
+    from tests.service.conftest import serving
 
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir, max_num_seqs=1, max_queue=1))
-    server = ServerThread(engine)
-    try:
+    with serving(tiny_model_dir, grace=1.0, max_num_seqs=1, max_queue=1) as server:
         with server.client(retry=RetryPolicy(max_attempts=1)) as client:
             streams = [client.generate(p, **LONG) for p in PROMPTS[:2]]
             consumers = [threading.Thread(target=_drain_quietly, args=(s,)) for s in streams]
@@ -249,6 +246,3 @@ def test_queue_full_is_resource_exhausted(tiny_model_dir):
             for consumer in consumers:
                 consumer.join(timeout=30)
             assert client.generate_text(PROMPTS[2], max_tokens=2) is not None    # room again
-    finally:
-        server.stop(grace=1.0)
-        engine.shutdown()

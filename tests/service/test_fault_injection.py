@@ -13,12 +13,11 @@ import time
 import grpc
 import pytest
 
-from engine.async_engine import AsyncEngine
 from engine.core import MAX_CONSECUTIVE_STEP_FAILURES
 from pagedgen_client import PagedgenClientError, RetryPolicy
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
-from tests.service.conftest import ServerThread, tiny_engine_args
+from tests.service.conftest import serving
 from tests.service.faults import StepFaults
 
 pytestmark = pytest.mark.timeout(90)
@@ -29,11 +28,8 @@ MAX_TOKENS = 24
 @pytest.fixture
 def server(tiny_model_dir):
     """Two running requests at most, so that some requests wait outside the failing step."""
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir, max_num_seqs=2, num_kv_blocks=64))
-    server = ServerThread(engine)
-    yield server
-    server.stop(grace=1.0)
-    engine.shutdown()
+    with serving(tiny_model_dir, grace=1.0, max_num_seqs=2, num_kv_blocks=64) as server:
+        yield server
 
 
 def _run(client, request_id: str, outcomes: dict) -> None:

@@ -15,11 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.async_engine import AsyncEngine
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 from service.limits import RequestLimits
 from service.server import SERVICE_NAME, ServerOptions
-from tests.service.conftest import ServerThread, tiny_engine_args
+from tests.service.conftest import serving
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,16 +43,11 @@ HUGE_TEXT = st.builds(lambda c, k: c * k, st.sampled_from(["a", "🙂", "\x00", 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     """Short context (every accepted request ends within 48 tokens) and tight limits."""
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir, max_model_len=48, num_kv_blocks=128,
-                                          max_num_seqs=16, max_queue=64))
-    server = ServerThread(engine, ServerOptions(port=0, max_message_bytes=MAX_MESSAGE_BYTES,
-                                                limits=RequestLimits(max_n=4, max_stop_strings=8,
-                                                                     max_stop_string_len=32)))
-    server.channel = grpc.insecure_channel(server.address)
-    yield server
-    server.channel.close()
-    server.stop(grace=2.0)
-    engine.shutdown()
+    options = ServerOptions(port=0, max_message_bytes=MAX_MESSAGE_BYTES,
+                            limits=RequestLimits(max_n=4, max_stop_strings=8, max_stop_string_len=32))
+    with serving(tiny_model_dir, options, max_model_len=48, num_kv_blocks=128, max_num_seqs=16,
+                 max_queue=64) as server, grpc.insecure_channel(server.address) as server.channel:
+        yield server
 
 
 def _optional(strategy):

@@ -21,7 +21,7 @@ from cli.main import main
 from engine.async_engine import AsyncEngine
 from pagedgen_client import Client, RetryPolicy
 from service.server import SERVICE_NAME, ServerOptions
-from tests.service.conftest import ServerThread, tiny_engine_args
+from tests.service.conftest import ServerThread, serving, tiny_engine_args
 from tests.service.test_serve_process import ServeProcess
 from tests.service.test_tls import pki  # noqa: F401  (the certificates fixture)
 
@@ -113,10 +113,9 @@ def test_unreachable_server_exits_1_with_the_reason(capsys):
 
 def test_tls_and_api_key_options(tiny_model_dir, pki, capsys):  # noqa: F811
     ours, stranger = pki["ours"], pki["stranger"]
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir, num_kv_blocks=32))
-    server = ServerThread(engine, ServerOptions(port=0, api_key="k3y", tls_cert_file=ours["server"],
-                                                tls_key_file=ours["server_key"], tls_client_ca_file=ours["ca"]))
-    try:
+    options = ServerOptions(port=0, api_key="k3y", tls_cert_file=ours["server"], tls_key_file=ours["server_key"],
+                            tls_client_ca_file=ours["ca"])
+    with serving(tiny_model_dir, options, grace=0.5, num_kv_blocks=32) as server:
         mtls = ["--tls-ca", ours["ca"], "--tls-cert", ours["client"], "--tls-key", ours["client_key"]]
         assert _health(capsys, "--server", server.address, *mtls)[:2] == (0, "SERVING")
         assert _health(capsys, "--server", server.address, *mtls, "--api-key", "k3y")[:2] == (0, "SERVING")
@@ -125,9 +124,6 @@ def test_tls_and_api_key_options(tiny_model_dir, pki, capsys):  # noqa: F811
         impostor = ["--tls-ca", ours["ca"], "--tls-cert", stranger["client"], "--tls-key", stranger["client_key"]]
         assert _health(capsys, "--server", server.address, *impostor)[:2] == (1, "UNREACHABLE")
         assert _health(capsys, "--server", server.address)[:2] == (1, "UNREACHABLE")
-    finally:
-        server.stop(grace=0.5)
-        engine.shutdown()
 
 
 @pytest.mark.parametrize("args", [["--tls-cert", "c.pem"], ["--tls-cert", "c.pem", "--tls-key", "k.pem"],

@@ -7,13 +7,12 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
-from engine.async_engine import AsyncEngine
 from pagedgen_client import PagedgenClientError
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 from cli import main as cli
 from service.limits import DEFAULT_MAX_MESSAGE_BYTES, RequestLimits, exposure_warning, is_loopback
 from service.server import SERVICE_NAME, ServerOptions
-from tests.service.conftest import ServerThread, tiny_engine_args
+from tests.service.conftest import serving
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,11 +21,9 @@ LIMITS = RequestLimits(max_n=2, max_tokens=8, max_stop_strings=2, max_stop_strin
 
 @pytest.fixture(scope="module")
 def limited(tiny_model_dir):
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir, num_kv_blocks=64, max_prompt_tokens=20))
-    server = ServerThread(engine, ServerOptions(port=0, limits=LIMITS, max_message_bytes=4096))
-    yield server
-    server.stop(grace=0.5)
-    engine.shutdown()
+    with serving(tiny_model_dir, ServerOptions(port=0, limits=LIMITS, max_message_bytes=4096), grace=0.5,
+                 num_kv_blocks=64, max_prompt_tokens=20) as server:
+        yield server
 
 
 @pytest.mark.parametrize("kwargs, says", [
@@ -91,16 +88,11 @@ def test_loopback_and_the_exposure_warning():
 
 def test_request_text_is_logged_only_when_asked(tiny_model_dir):
     for log_requests in (False, True):
-        engine = AsyncEngine(tiny_engine_args(tiny_model_dir, num_kv_blocks=32))
-        server = ServerThread(engine, ServerOptions(port=0, log_requests=log_requests))
-        try:
-            with capture_logs() as events, server.client() as client:
-                text = client.generate_text("The quiet engineer paints", request_id="logged", max_tokens=6,
-                                            ignore_eos=True, temperature=0)
-                server.call(_settle())
-        finally:
-            server.stop(0.5)
-            engine.shutdown()
+        with serving(tiny_model_dir, ServerOptions(port=0, log_requests=log_requests), grace=0.5,
+                     num_kv_blocks=32) as server, capture_logs() as events, server.client() as client:
+            text = client.generate_text("The quiet engineer paints", request_id="logged", max_tokens=6,
+                                        ignore_eos=True, temperature=0)
+            server.call(_settle())
         logged = " ".join(str(v) for e in events for v in e.values())
         assert ("quiet engineer" in logged) == log_requests
         assert (text in logged) == log_requests

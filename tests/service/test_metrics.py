@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from common.errors import QueueFullError
 from pagedgen_client import PagedgenClientError
 from service.server import ServerOptions
-from tests.service.conftest import ServerThread, tiny_engine_args
+from tests.service.conftest import ServerThread, serving
 
 
 def scrape(server) -> dict[tuple[str, tuple], float]:
@@ -46,14 +46,9 @@ def delta(after, before, name: str, **labels) -> float:
 
 @pytest.fixture(scope="module")
 def metrics_server(tiny_model_dir):
-    from engine.async_engine import AsyncEngine
-
     # Two running at most: the third request waits, visibly.
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir, max_num_seqs=2))
-    server = ServerThread(engine, ServerOptions(port=0, metrics_port=0))
-    yield server
-    server.stop(grace=2.0)
-    engine.shutdown()
+    with serving(tiny_model_dir, ServerOptions(port=0, metrics_port=0), max_num_seqs=2) as server:
+        yield server
 
 
 def test_counters_and_histograms_move_by_what_was_served(metrics_server):

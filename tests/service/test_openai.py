@@ -23,7 +23,7 @@ import pytest
 from pagedgen_client import PagedgenClientError
 from service.limits import RequestLimits
 from service.server import PagedgenServer, ServerOptions
-from tests.service.conftest import ServerThread, tiny_engine_args
+from tests.service.conftest import ServerThread, serving, tiny_engine_args
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,20 +40,17 @@ def _openai(port: int, api_key: str = API_KEY) -> openai.OpenAI:
 
 def _start(engine, **options) -> ServerThread:
     server = ServerThread(engine, ServerOptions(port=0, openai_port=0, **options))
-    server.http = f"http://127.0.0.1:{server.server.openai_port}"
+    server.http = server.http_url
     return server
 
 
 @pytest.fixture(scope="module")
 def http_server(tiny_model_dir):
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir))
-    server = _start(engine, api_key=API_KEY, limits=RequestLimits(max_n=4, max_tokens=LONG))
-    server.model_dir = tiny_model_dir
-    yield server
-    server.stop(grace=2.0)
-    engine.shutdown()
+    options = ServerOptions(port=0, openai_port=0, api_key=API_KEY, limits=RequestLimits(max_n=4, max_tokens=LONG))
+    with serving(tiny_model_dir, options) as server:
+        server.http = server.http_url
+        server.model_dir = tiny_model_dir
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from engine import LLM, SamplingParams
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
 from service.server import ServerOptions
-from tests.service.conftest import ServerThread, tiny_engine_args
+from tests.service.conftest import serving
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -21,26 +21,13 @@ PROMPT = "The cat watches the answer while a small robot builds a paper boat"
 TOL = 1e-4
 
 
-def _serve(model_dir: str, **engine_overrides) -> ServerThread:
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(model_dir, **engine_overrides))
-    srv = ServerThread(engine, ServerOptions(port=0, openai_port=0))
-    srv.async_engine = engine
-    return srv
-
-
 @pytest.fixture(scope="module")
 def fcfs(tiny_model_dir):
-    srv = _serve(tiny_model_dir)
-    with grpc.insecure_channel(srv.address) as channel:
+    with serving(tiny_model_dir, ServerOptions(port=0, openai_port=0)) as srv, \
+            grpc.insecure_channel(srv.address) as channel, \
+            openai.OpenAI(base_url=f"{srv.http_url}/v1", api_key="none", max_retries=0, timeout=60) as srv.oa:
         srv.stub = pb_grpc.GenerateStub(channel)
-        srv.oa = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server.openai_port}/v1", api_key="none",
-                               max_retries=0, timeout=60)
         yield srv
-        srv.oa.close()
-    srv.stop(grace=2.0)
-    srv.async_engine.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +57,10 @@ def test_priority_under_fcfs_is_refused_naming_the_flag(fcfs, offline):
 
 
 def test_late_high_priority_request_overtakes_a_full_queue(tiny_model_dir):
-    srv = _serve(tiny_model_dir, scheduling_policy="priority", max_num_seqs=1)
     order: list[str] = []
     lock = threading.Lock()
-    try:
+    with serving(tiny_model_dir, ServerOptions(port=0, openai_port=0), scheduling_policy="priority",
+                 max_num_seqs=1) as srv:
         with grpc.insecure_channel(srv.address) as channel:
             stub = pb_grpc.GenerateStub(channel)
 
@@ -106,9 +93,6 @@ def test_late_high_priority_request_overtakes_a_full_queue(tiny_model_dir):
             for t in threads:
                 t.join(timeout=60)
         assert order == ["head", "urgent", "low0", "low1", "low2", "low3"]
-    finally:
-        srv.stop(grace=2.0)
-        srv.async_engine.shutdown()
 
 
 # -- prompt truncation ----------------------------------------------------------------

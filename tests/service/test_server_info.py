@@ -17,7 +17,7 @@ from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
 from service.limits import RequestLimits
 from service.server import ServerOptions
-from tests.service.conftest import ServerThread, tiny_engine_args
+from tests.service.conftest import serving, tiny_engine_args
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,17 +29,11 @@ ENGINE = dict(max_num_seqs=1, max_num_batched_tokens=256, max_queue=7, max_promp
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir, **ENGINE))
-    srv = ServerThread(engine, ServerOptions(port=0, openai_port=0, api_key=API_KEY, served_model_name=SERVED,
-                                             limits=LIMITS, max_message_bytes=2**20))
-    srv.http = httpx.Client(base_url=f"http://127.0.0.1:{srv.server.openai_port}",
-                            headers={"authorization": f"Bearer {API_KEY}"}, timeout=30)
-    yield srv
-    srv.http.close()
-    srv.stop(grace=2.0)
-    engine.shutdown()
+    options = ServerOptions(port=0, openai_port=0, api_key=API_KEY, served_model_name=SERVED, limits=LIMITS,
+                            max_message_bytes=2**20)
+    with serving(tiny_model_dir, options, **ENGINE) as srv, \
+            httpx.Client(base_url=srv.http_url, headers={"authorization": f"Bearer {API_KEY}"}, timeout=30) as srv.http:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -80,18 +74,10 @@ def test_server_info_from_generated_stubs_and_the_async_client(server):
 
 
 def test_unbounded_limits_are_left_unset(tiny_model_dir):
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir))
-    srv = ServerThread(engine)
-    try:
-        with srv.client() as c:
-            info = c.server_info()
+    with serving(tiny_model_dir, grace=1.0) as srv, srv.client() as c:
+        info = c.server_info()
         assert info.max_queue is None and info.limits.max_tokens is None and info.limits.max_prompt_tokens is None
-        assert info.model == engine.model_info.model                  # no --served-model-name
-    finally:
-        srv.stop(grace=1.0)
-        engine.shutdown()
+        assert info.model == srv.engine.model_info.model              # no --served-model-name
 
 
 # -- GetStats: waiting prompt tokens, running tokens ------------------------------------------

@@ -15,7 +15,7 @@ from engine.sampling_params import StructuredOutputsParams
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
 from service.server import ServerOptions
-from tests.service.conftest import ServerThread, tiny_engine_args
+from tests.service.conftest import serving
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,18 +30,11 @@ CHOICES = ["red", "green", "blue sky"]
 
 @pytest.fixture(scope="module")
 def srv(tiny_model_dir):
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir))
-    server = ServerThread(engine, ServerOptions(port=0, openai_port=0))
-    with grpc.insecure_channel(server.address) as channel:
+    with serving(tiny_model_dir, ServerOptions(port=0, openai_port=0)) as server, \
+            grpc.insecure_channel(server.address) as channel, \
+            openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="none", max_retries=0, timeout=60) as server.oa:
         server.stub = pb_grpc.GenerateStub(channel)
-        server.oa = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server.openai_port}/v1", api_key="none",
-                                  max_retries=0, timeout=60)
         yield server
-        server.oa.close()
-    server.stop(grace=2.0)
-    engine.shutdown()
 
 
 @pytest.fixture(scope="module")

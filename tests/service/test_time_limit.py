@@ -10,7 +10,7 @@ from engine import LLM, SamplingParams
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2 as pb
 from pagedgen_client._proto.pagedgen.v1 import generate_pb2_grpc as pb_grpc
 from service.server import ServerOptions
-from tests.service.conftest import ServerThread, tiny_engine_args
+from tests.service.conftest import serving
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -19,13 +19,8 @@ MAX = 480                                   # hundreds of steps: far longer than
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir))
-    srv = ServerThread(engine, ServerOptions(port=0, openai_port=0))
-    yield srv
-    srv.stop(grace=2.0)
-    engine.shutdown()
+    with serving(tiny_model_dir, ServerOptions(port=0, openai_port=0)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 from engine.tokenizer import Tokenizer
 from pagedgen_client import PagedgenClientError
 from service.server import ServerOptions
-from tests.service.conftest import ServerThread, tiny_engine_args
+from tests.service.conftest import serving
 
 pytestmark = pytest.mark.timeout(180)
 jsonschema = pytest.importorskip("jsonschema")
@@ -70,14 +70,9 @@ def tools_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tools_model_dir):
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(tools_model_dir))
-    server = ServerThread(engine, ServerOptions(port=0, openai_port=0, tool_call_parser="hermes"))
-    server.tokenizer = Tokenizer.from_dir(tools_model_dir)
-    yield server
-    server.stop(grace=2.0)
-    engine.shutdown()
+    with serving(tools_model_dir, ServerOptions(port=0, openai_port=0, tool_call_parser="hermes")) as server:
+        server.tokenizer = Tokenizer.from_dir(tools_model_dir)
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -225,22 +220,14 @@ def test_bad_tools_are_400_naming_the_field(client, kwargs, param):
 
 
 def test_auto_without_a_parser_is_400(tools_model_dir):
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(tools_model_dir))
-    bare = ServerThread(engine, ServerOptions(port=0, openai_port=0))
-    try:
-        with openai.OpenAI(base_url=f"http://127.0.0.1:{bare.server.openai_port}/v1", api_key="none",
-                           max_retries=0) as c:
-            with pytest.raises(openai.BadRequestError) as info:
-                c.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=4)
-            assert info.value.body["param"] == "tool_choice" and "--tool-call-parser" in info.value.body["message"]
-            resp = c.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=120)
-            _check_call(resp.choices[0].message.tool_calls[0].function.name,
-                        resp.choices[0].message.tool_calls[0].function.arguments)
-    finally:
-        bare.stop(grace=1.0)
-        engine.shutdown()
+    with serving(tools_model_dir, ServerOptions(port=0, openai_port=0), grace=1.0) as bare, \
+            openai.OpenAI(base_url=f"{bare.http_url}/v1", api_key="none", max_retries=0) as c:
+        with pytest.raises(openai.BadRequestError) as info:
+            c.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=4)
+        assert info.value.body["param"] == "tool_choice" and "--tool-call-parser" in info.value.body["message"]
+        resp = c.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=120)
+        _check_call(resp.choices[0].message.tool_calls[0].function.name,
+                    resp.choices[0].message.tool_calls[0].function.arguments)
 
 
 # -- gRPC -----------------------------------------------------------------------------
@@ -304,13 +291,9 @@ def test_default_model_named_and_required_calls_validate_over_20_seeds():
     (20 seeds each, sent at once so that the engine batches them)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(None))
-    default = ServerThread(engine, ServerOptions(port=0, openai_port=0, tool_call_parser="hermes"))
-    try:
-        with openai.OpenAI(base_url=f"http://127.0.0.1:{default.server.openai_port}/v1", api_key="none",
-                           max_retries=0, timeout=300) as c:
+    with serving(None, ServerOptions(port=0, openai_port=0, tool_call_parser="hermes"), grace=1.0) as default:
+        engine = default.engine
+        with openai.OpenAI(base_url=f"{default.http_url}/v1", api_key="none", max_retries=0, timeout=300) as c:
             def ask(job):
                 seed, tool_choice = job
                 return c.chat.completions.create(
@@ -323,6 +306,3 @@ def test_default_model_named_and_required_calls_validate_over_20_seeds():
                     assert choice.finish_reason == "tool_calls", job
                     (call,) = choice.message.tool_calls
                     _check_call(call.function.name, call.function.arguments)
-    finally:
-        default.stop(grace=1.0)
-        engine.shutdown()
