@@ -9,7 +9,7 @@ pytest.importorskip("mlx.core")
 
 from engine import LLM, SamplingParams  # noqa: E402
 from tests.factories import make_tiny_hf_model  # noqa: E402
-from tests.service.conftest import ServerThread, tiny_engine_args  # noqa: E402
+from tests.service.conftest import serving  # noqa: E402
 from tests.service.test_serve_process import ServeProcess  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -24,13 +24,8 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def metal_server(tiny_dir):
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(tiny_dir, backend="metal", dtype="float32"))   # parity with cpu float32
-    server = ServerThread(engine)
-    yield server
-    server.stop(grace=2.0)
-    engine.shutdown()
+    with serving(tiny_dir, backend="metal", dtype="float32") as server:    # float32: parity with cpu
+        yield server
 
 
 def test_greedy_over_grpc_on_metal_equals_the_cpu_backend(tiny_dir, metal_server):

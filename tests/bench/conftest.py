@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.service.conftest import ServerThread, tiny_engine_args
+from tests.service.conftest import serving
 
 
 @pytest.fixture(scope="session")
@@ -16,10 +16,5 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bench_server(tiny_model_dir):
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(tiny_engine_args(tiny_model_dir))
-    server = ServerThread(engine)
-    yield server
-    server.stop(grace=2.0)
-    engine.shutdown()
+    with serving(tiny_model_dir) as server:
+        yield server

@@ -138,14 +138,12 @@ def _wait_for(predicate, timeout: float) -> bool:
 
 
 def test_a_killed_worker_turns_the_service_not_serving_within_seconds(model_dirs):
-    from engine.async_engine import AsyncEngine
     from pagedgen_client import PagedgenClientError, RetryPolicy
-    from tests.service.conftest import ServerThread, tiny_engine_args
+    from tests.service.conftest import serving
 
-    engine = AsyncEngine(tiny_engine_args(str(model_dirs["qwen2-bias-tied"]), tensor_parallel_size=2))
-    server = ServerThread(engine)
-    (worker,) = engine.engine.backend.workers
-    try:
+    with serving(str(model_dirs["qwen2-bias-tied"]), grace=0.5, tensor_parallel_size=2) as server:
+        engine = server.engine
+        (worker,) = engine.engine.backend.workers
         with server.client(retry=RetryPolicy(max_attempts=1)) as client:
             assert client.health() == "SERVING"
             stream = client.generate("The cat watches", max_tokens=100_000, ignore_eos=True, temperature=0,
@@ -166,25 +164,17 @@ def test_a_killed_worker_turns_the_service_not_serving_within_seconds(model_dirs
                 list(client.generate("anyone there?", max_tokens=4))
             assert info.value.code == grpc.StatusCode.INTERNAL and time.monotonic() - t0 < 1.0
             assert "not serving" in str(info.value)
-    finally:
-        server.stop(grace=0.5)
-        engine.shutdown()
     assert worker.poll() == -signal.SIGKILL
 
 
 def test_a_worker_dying_while_idle_turns_the_service_not_serving(model_dirs):
-    from engine.async_engine import AsyncEngine
-    from tests.service.conftest import ServerThread, tiny_engine_args
+    from tests.service.conftest import serving
 
-    engine = AsyncEngine(tiny_engine_args(str(model_dirs["qwen2-bias-tied"]), tensor_parallel_size=2))
-    server = ServerThread(engine)
-    (worker,) = engine.engine.backend.workers
-    try:
+    with serving(str(model_dirs["qwen2-bias-tied"]), grace=0.5, tensor_parallel_size=2) as server:
+        engine = server.engine
+        (worker,) = engine.engine.backend.workers
         with server.client() as client:
             assert client.health() == "SERVING"
             os.kill(worker.pid, signal.SIGKILL)                   # no request in flight
             assert _wait_for(lambda: client.health() == "NOT_SERVING", timeout=3)
             assert engine.is_dead and "worker rank 1" in repr(engine.dead_error)
-    finally:
-        server.stop(grace=0.5)
-        engine.shutdown()
