@@ -1,8 +1,14 @@
-"""Weight readers: GGUF (dequantised, cached) and Hugging Face safetensors.
+"""Weight readers: GGUF and Hugging Face safetensors (plain, or MLX-quantized).
 
-Every reader returns a ``ModelConfig`` and a dict of float32, C-contiguous
-numpy arrays under the canonical names listed in ``model.config``.
-``engine.model_loader.load_model`` is the entry point most code wants.
+Every reader returns a ``ModelConfig`` and a dict under the canonical names
+(``model.weights.canonical``) of float32, C-contiguous numpy arrays; with
+``keep_quantized`` the quantized matrices stay packed instead, as
+``model.weights.quant.QuantizedTensor`` (affine groups: ``gguf_quant`` and
+``mlx_quant`` say which formats). ``safetensors_io`` and ``packed_io`` write
+and read the conversion caches. ``engine.model_loader.load_model`` is the
+entry point most code wants: it caches a GGUF's conversion
+(``engine.gguf_cache``); the engine sets ``keep_quantized`` from
+``--quantization`` and the backend.
 """
 
 from model.weights.canonical import check_weights, expected_shapes
