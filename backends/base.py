@@ -10,9 +10,11 @@ The engine owns one backend. Its life:
    ``kv_block_bytes(block_size)`` / ``num_blocks_for_memory(...)`` so the
    engine can size the scheduler's ``BlockPool``;
 3. ``allocate_kv_cache(num_blocks, block_size)`` once;
-4. ``execute(scheduler_output)`` once per step, on the engine's step thread;
-   while idle, the engine calls ``check_health()`` (a backend with worker
-   processes raises there when one died; the default is always healthy);
+4. ``execute(scheduler_output)`` once per step, on the engine's step thread,
+   or, with async scheduling, ``submit(scheduler_output, previous)`` and the
+   handle's ``result()`` (the default runs ``execute`` at once); while idle,
+   the engine calls ``check_health()`` (a backend with worker processes
+   raises there when one died; the default is always healthy);
 5. ``shutdown()``.
 
 The step helpers below (``step_requests``, ``kv_block_bytes``,
@@ -115,6 +117,24 @@ class Backend(ABC):
     def shutdown(self) -> None:
         """Release device memory and worker threads."""
 
+    # The backend takes an ahead step (``SchedulerOutput.ahead``): its input tokens from ``submit``'s
+    # ``previous`` on the device. False: the engine steps synchronously (``execute``) whatever its flag.
+    supports_ahead: bool = False
+
+    def submit(self, scheduler_output: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep:
+        """Start one step; its result comes from the returned handle.
+
+        ``previous``: the handle of the step still in flight before this one,
+        given with an ahead step (``scheduler_output.ahead``), whose every
+        row's input token is the one ``previous`` samples for it. The default
+        runs ``execute`` now and takes no ahead step; a backend with
+        ``supports_ahead`` starts the step on the device and returns at once.
+        """
+        if scheduler_output.ahead:
+            raise ValueError(f"the {self.name} backend cannot take an ahead step (supports_ahead is False): "
+                             "schedule it synchronously")
+        return CompletedStep(self.execute(scheduler_output))
+
     def profile_kv_cache_memory(self, block_size: int) -> int | None:
         """Bytes this backend gives the KV cache when the user named no size; None: the engine's default.
 
@@ -138,6 +158,30 @@ class Backend(ABC):
         Called by the engine between steps while idle. The default is always
         healthy; a backend with worker processes raises when one died.
         """
+
+
+class PendingStep(ABC):
+    """A submitted step (``Backend.submit``): ``result()`` waits for it, once per step.
+
+    A backend with ``supports_ahead`` keeps what the device computes (the
+    sampled tokens) in its handle, so that the next step can take its input
+    tokens from it without the host seeing them first.
+    """
+
+    @abstractmethod
+    def result(self) -> StepResult:
+        """The step's ``StepResult`` (waits for the device on the first call; later calls return it again).
+        Raises what the step raised."""
+
+
+class CompletedStep(PendingStep):
+    """A step that already ran (``Backend.submit``'s default)."""
+
+    def __init__(self, result: StepResult) -> None:
+        self._result = result
+
+    def result(self) -> StepResult:
+        return self._result
 
 
 class StepRequest(NamedTuple):

@@ -130,12 +130,19 @@ class InputBatch:
             self._lists[row] = None                      # keeps the written ids: zeroed when the row is reused
             self._free_rows.append(row)
 
-    def prepare(self, out: SchedulerOutput, all_tokens: bool = False) -> StepInputs:
+    def prepare(self, out: SchedulerOutput, all_tokens: bool = False, *, takes_ahead: bool = False) -> StepInputs:
         """Update the rows from ``out`` and fill the step arrays; ``all_tokens`` keeps every token's logits.
 
-        Raises ``ValueError`` on a step that cannot be laid out (a request
-        with no new token, a block table too short for its context).
+        An ahead step (``out.ahead``) fills ``token_ids`` with its
+        placeholders (``scheduler.output.PLACEHOLDER_TOKEN_ID``): only a
+        backend that substitutes the previous step's tokens on the device
+        passes ``takes_ahead``. Raises ``ValueError`` on a step that cannot be
+        laid out (a request with no new token, a block table too short for
+        its context, an ahead step without ``takes_ahead``).
         """
+        if out.ahead and not takes_ahead:
+            raise ValueError("an ahead step's token ids are placeholders for the previous step's samples: "
+                             "only a backend with supports_ahead can lay it out")
         if out.block_size != self.block_size:
             raise ValueError(f"step block_size {out.block_size} != input batch block_size {self.block_size}")
         for rid in out.finished_request_ids:

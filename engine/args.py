@@ -5,8 +5,8 @@ that builds an engine (``pagedgen serve``, ``bench offline``, ``bench serve
 --launch``, a torchrun worker rank): ``add_cli_args`` adds them to a parser,
 ``from_cli_args`` reads them back, and ``to_cli_flags`` renders options as
 ``pagedgen serve`` flags again. Each flag is ``--`` plus the field's name with
-dashes; the one boolean, ``enable_prefix_caching``, is switched off by
-``--no-enable-prefix-caching``.
+dashes; the booleans, on by default, are switched off by ``--no-`` plus the
+flag (``--no-enable-prefix-caching``, ``--no-async-scheduling``).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"     # fcfs | priority: the waiting queue's order (vLLM's --scheduling-policy)
     default_time_limit_ms: int | None = None  # time limit of requests that set none; None: unlimited
     quantization: str = "auto"          # auto | none: keep the file's quantized weights where the backend can
+    async_scheduling: bool = True       # lay out step t+1 while step t runs, where the backend can (metal)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_NAMES:
@@ -95,6 +96,9 @@ class EngineArgs:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)} (auto: keep the "
                              f"checkpoint's quantized weights where the backend has kernels; none: dequantize "
                              f"to float32), got {self.quantization!r}")
+        for name in _SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.cuda_graph_mode not in CUDA_GRAPH_MODES:
             raise ValueError(f"cuda_graph_mode must be one of {', '.join(CUDA_GRAPH_MODES)}, "
                              f"got {self.cuda_graph_mode!r}")
@@ -123,8 +127,8 @@ class EngineArgs:
             if name in exclude:
                 continue
             flag = _FLAGS[name]
-            if name == "enable_prefix_caching":
-                parser.add_argument("--no-enable-prefix-caching", dest=name, action="store_false", help=flag.help)
+            if name in _SWITCHES:
+                parser.add_argument(_SWITCHES[name], dest=name, action="store_false", help=flag.help)
                 continue
             parser.add_argument(_flag_name(name), dest=name, type=flag.type, choices=flag.choices,
                                 default=_cli_default(name), help=flag.help)
@@ -146,8 +150,8 @@ class EngineArgs:
             value = getattr(self, name)
             if name in exclude or value is None or value == _cli_default(name):
                 continue
-            if name == "enable_prefix_caching":
-                flags.append("--no-enable-prefix-caching")
+            if name in _SWITCHES:
+                flags.append(_SWITCHES[name])
             else:
                 flags += [_flag_name(name), str(value)]
         return flags
@@ -196,10 +200,17 @@ _FLAGS: dict[str, _Flag] = {
                                choices=SCHEDULING_POLICIES),
     "default_time_limit_ms": _Flag("time limit of requests that set no time_limit_ms: past it a completion ends "
                                    "with finish reason time_limit and the text so far (default: none)", type=int),
+    "async_scheduling": _Flag("lay out and submit the next decode step before the current one's tokens reach the "
+                              "host, so the host's scheduling, detokenizing and streaming overlap the device "
+                              "(metal; other backends step synchronously); this flag turns it off"),
     "quantization": _Flag("auto: keep a quantized checkpoint's weights quantized where the backend has kernels "
                           "(metal, cuda; GGUF Q4_0/Q4_1/Q5/Q8_0/Q4_K/Q5_K/Q6_K, MLX affine); none: dequantize "
                           "them to float32 (the cpu backend always does)", choices=QUANTIZATION_MODES),
 }
+
+
+# The boolean options (on by default) and the flag that switches each off.
+_SWITCHES = {"enable_prefix_caching": "--no-enable-prefix-caching", "async_scheduling": "--no-async-scheduling"}
 
 
 def _flag_name(name: str) -> str:

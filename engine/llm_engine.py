@@ -2,7 +2,9 @@
 
 ``step()`` is the whole loop body: end the requests past their time limit →
 schedule → execute → update (the scheduler ends requests on EOS, stop ids and
-length) → detokenize and find stop strings → emit. Time limits live here, not
+length) → detokenize and find stop strings → emit; with async scheduling
+(``engine.pipeline``) the next step already runs while the host does the
+last three. Time limits live here, not
 in the async engine's loop, so that the offline API keeps them too. It runs on one thread (the caller's, or the async engine's
 loop thread); nothing here is thread-safe.
 """
@@ -20,10 +22,11 @@ from backends.base import Backend, BackendOptions
 from backends.registry import BACKEND_NAMES, create_backend, keeps_quantized, resolve_backend_name
 from engine.args import DEFAULT_KV_CACHE_MEMORY, EngineArgs
 from engine.detokenizer import IncrementalDetokenizer
-from common.errors import DuplicateRequestError, EngineDeadError, InvalidRequestError, RequestFailedError
+from common.errors import DuplicateRequestError, InvalidRequestError, RequestFailedError
 from engine.model_loader import LoadedModel, load_model
 from engine.output_processor import CompletionState, OutputProcessor, RequestState
 from engine.outputs import RequestMetrics, RequestOutput
+from engine.pipeline import StepPipeline
 from engine.sampling_params import SamplingParams
 from engine.structured_output import StructuredOutputs
 from model.weights.quant import QuantizedTensor, dequantize_all
@@ -114,6 +117,7 @@ class LLMEngine:
             tuple(self.tokenizer.eos_token_ids))
         self._seq_ids = count()
         self.num_steps = 0
+        self.pipeline = StepPipeline(self, args.async_scheduling)   # steps, ahead where the backend can
         memory = self.backend.memory_stats()
         log.info("engine_ready", model=self.model.name, backend=self.backend_name, dtype=self.dtype,
                  num_kv_blocks=num_blocks, block_size=args.block_size, max_model_len=self.max_model_len,
@@ -234,7 +238,8 @@ class LLMEngine:
         return [out for rid in expired if (out := self._end_request(rid, RequestStatus.FINISHED_TIME_LIMIT))]
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.output.states)
+        """A request is unfinished, or a step is still in flight (the next ``step`` takes it)."""
+        return bool(self.output.states) or self.pipeline.inflight is not None
 
     def check_health(self) -> None:
         """Raise if the backend reports it cannot serve (e.g. a worker process
@@ -245,26 +250,25 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; returns a delta output for every request that changed
-        (those that passed their time limit first)."""
+        (those that passed their time limit first). With async scheduling the
+        step whose outputs come back may have been laid out by the previous
+        call, and the next one is already running (``engine.pipeline``)."""
         expired = self.expire_time_limits()
-        sched = self.scheduler.schedule()
-        if sched.is_empty and not (sched.finished_request_ids or sched.preempted_request_ids):
+        done = self.pipeline.run()
+        if done is None:
             return expired
-        scheduled_at = time.time()
-        self.structured.fill(sched)          # grammar bitmasks of the constrained rows (drops ended sequences)
-        try:
-            result = self.backend.execute(sched)
-        except EngineDeadError:
-            raise                    # fatal (e.g. a tensor-parallel rank died): the engine stops
-        except Exception as e:  # noqa: BLE001 - a device failure fails this step's requests only
-            raise self._fail_step(sched, e) from e
+        sched, result, scheduled_at = done
         self.num_steps += 1
+        return expired + self._complete(sched, result, scheduled_at)
+
+    def _complete(self, sched, result, scheduled_at: float) -> list[RequestOutput]:
+        """Take a step's result: update the scheduler (EOS, stop ids, length), detokenize, stop strings, deltas."""
         now = time.time()
-        for sr in sched.scheduled:
-            state, _ = self.output.by_seq[sr.request_id]
-            if state.metrics.first_scheduled_time is None:
-                state.metrics.first_scheduled_time = scheduled_at
-                state.num_cached_tokens = max(0, self.scheduler.requests[sr.request_id].num_cached_tokens)
+        for sr in sched.scheduled:                       # (an ahead step's request may have ended since)
+            seq, request = self.output.by_seq.get(sr.request_id), self.scheduler.requests.get(sr.request_id)
+            if seq is not None and request is not None and seq[0].metrics.first_scheduled_time is None:
+                seq[0].metrics.first_scheduled_time = scheduled_at
+                seq[0].num_cached_tokens = max(0, request.num_cached_tokens)
         changed: dict[str, RequestState] = {}
         for sr in sched.scheduled:
             lps = result.prompt_logprobs.get(sr.request_id)
@@ -285,7 +289,7 @@ class LLMEngine:
             if c.finish_reason is not None and not request.is_finished:
                 stopped_by_string.append(request.request_id)
         self.scheduler.finish_requests(stopped_by_string, RequestStatus.FINISHED_STOPPED)
-        outputs = expired
+        outputs = []
         for state in changed.values():
             out = self.output.make_delta(state, now)
             if out.finished:
@@ -293,8 +297,9 @@ class LLMEngine:
             outputs.append(out)
         return outputs
 
-    def _fail_step(self, sched, cause: BaseException) -> StepFailedError:
-        seq_ids = [sr.request_id for sr in sched.scheduled]
+    def _fail_step(self, scheds, cause: BaseException) -> StepFailedError:
+        """Fail and free the requests of ``scheds`` (the steps in flight when a step failed)."""
+        seq_ids = [sr.request_id for sched in scheds for sr in sched.scheduled]
         parents = {self.output.by_seq[s][0].request_id for s in seq_ids if s in self.output.by_seq}
         log.error("step_failed", num_requests=len(parents), error=repr(cause))
         for rid in parents:
@@ -303,7 +308,8 @@ class LLMEngine:
             self._remove(state)
         # Blocks written by the failed step may hold garbage: forget their hashes.
         self.scheduler.kv.reset_prefix_cache()
-        self.scheduler.report_again(sched)
+        for sched in scheds:
+            self.scheduler.report_again(sched)
         return StepFailedError(sorted(parents), cause)
 
     def get_stats(self) -> EngineStats:
@@ -320,6 +326,7 @@ class LLMEngine:
         )
 
     def shutdown(self) -> None:
+        self.pipeline.drain()
         self.backend.shutdown()
 
 

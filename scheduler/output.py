@@ -24,12 +24,24 @@ grew or a new list object arrived, and drops it on ``finished_request_ids``
 scheduler leaves ``slot_mapping`` to be derived: reading it computes the list
 from the formula above on first use (backends that have not adopted the
 persistent batch still get it); hand-made steps may pass it explicitly.
+
+Ahead steps (``SchedulerOutput.ahead``, ``Scheduler.schedule_ahead``): with
+async scheduling the scheduler lays out step t+1 while step t still runs on
+the device. Every request of such a step has one new token, the one step t
+samples for it, unknown to the host: its ``token_ids`` hold
+``PLACEHOLDER_TOKEN_ID`` and its position is the one after step t's. Only a
+backend with ``supports_ahead`` gets such a step, together with step t's
+pending handle (``backends.base.Backend.submit``), and takes the input
+tokens from it on the device. ``output_token_ids`` then lack step t's token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+# The token id an ahead step's rows carry in place of the token the previous step samples (see above).
+PLACEHOLDER_TOKEN_ID = -1
 
 
 class ScheduledRequest:
@@ -119,6 +131,7 @@ class SchedulerOutput:
     block_size: int                             # tokens per KV block
     finished_request_ids: set[str] = field(default_factory=set)   # ended since last step: drop state
     preempted_request_ids: set[str] = field(default_factory=set)  # preempted since last step
+    ahead: bool = False                         # every row's input token is the one the previous step samples
 
     @property
     def num_scheduled_tokens(self) -> int:

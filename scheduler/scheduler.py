@@ -21,6 +21,13 @@ Two policies (``SchedulerConfig.policy``, vLLM's ``--scheduling-policy``):
 A request asking for prompt logprobs takes no prefix-cache hits until its
 prompt is computed: every prompt position must produce its logits.
 
+With async scheduling the engine lays out step t+1 while step t runs on the
+device (``schedule_ahead``): the requests of a step in which every request
+samples get one token each, the one step t samples for them (still unknown),
+at the position after step t's; ``update_from_output`` of step t then of step
+t+1 advance ``num_computed_tokens`` as for any two steps. An ahead step never
+preempts and never admits.
+
 The scheduler also ends requests on their token ids (EOS, stop ids, length;
 ``scheduler.stop``) as it takes each step's sampled tokens, freeing their
 blocks at once; stop strings need text and are the engine's to report back
@@ -35,8 +42,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import count
 
-from scheduler.kv_cache_manager import KVCacheManager
-from scheduler.output import ScheduledRequest, SchedulerOutput, StepResult
+from scheduler.kv_cache_manager import KVCacheManager, cdiv
+from scheduler.output import PLACEHOLDER_TOKEN_ID, ScheduledRequest, SchedulerOutput, StepResult
 from scheduler.request import Request, RequestStatus
 from scheduler.stop import check_stop
 
@@ -198,6 +205,53 @@ class Scheduler:
             finished_request_ids=self._finished_ids,
             preempted_request_ids=self._preempted_ids,
         )
+        self._finished_ids, self._preempted_ids = set(), set()
+        return out
+
+    def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after ``prev`` (the step in flight, not yet given to ``update_from_output``).
+
+        Each request of ``prev`` that still runs gets one token: the one
+        ``prev`` samples for it (``PLACEHOLDER_TOKEN_ID`` here: unknown), at
+        the position after ``prev``'s, with a slot for it; a request that
+        surely ends with that token (``max_tokens``, the context limit) is
+        left out. Returns None, changing nothing, when no request is left or
+        the pool is short of blocks for them (an ahead step never preempts:
+        the caller steps synchronously instead). Blocks are hashed only from
+        known tokens (``Request.block_hashes``), never the pending ones.
+        """
+        bs, limit, running = self.config.block_size, self.config.max_tokens_per_request, RequestStatus.RUNNING
+        block_ids = self.kv.live_block_ids
+        picked: list[tuple[Request, int]] = []
+        num_needed = 0
+        for sr in prev.scheduled:
+            request = self.requests.get(sr.request_id)
+            if request is None or request.status is not running:
+                continue                                      # ended (stop string, abort) since prev was laid out
+            if not sr.needs_sample:
+                raise ValueError(f"request {sr.request_id!r} does not sample in the previous step: nothing to go "
+                                 "ahead with")
+            position = sr.num_computed_tokens + len(sr.token_ids)        # the pending token's
+            if position != request.num_tokens:
+                raise ValueError(f"request {sr.request_id!r} holds {request.num_tokens} tokens, the previous step "
+                                 f"samples the one at {position}: schedule ahead of the step in flight only")
+            params = request.sampling_params
+            max_tokens = getattr(params, "max_tokens", None)
+            if (max_tokens is not None and request.num_output_tokens + 1 >= max_tokens) or position + 1 >= limit:
+                continue                                      # the pending token ends it for length
+            num_needed += max(0, cdiv(position + 1, bs) - len(block_ids[request.request_id]))
+            picked.append((request, position))
+        if not picked or num_needed > self.kv.num_free_blocks:
+            return None
+        scheduled = []
+        for request, position in picked:
+            rid = request.request_id
+            if self.kv.allocate_slots(request, position + 1 - request.num_computed_tokens) is None:
+                raise AssertionError(f"allocate_slots failed for {rid!r} after the free blocks were counted")
+            scheduled.append(ScheduledRequest(
+                rid, [PLACEHOLDER_TOKEN_ID], position, block_ids[rid], None, request.sampling_params, True,
+                request.prompt_token_ids, request.output_token_ids, None, None, bs))
+        out = SchedulerOutput(scheduled, bs, self._finished_ids, self._preempted_ids, ahead=True)
         self._finished_ids, self._preempted_ids = set(), set()
         return out
 

@@ -16,12 +16,17 @@ which is how CI tests it against the cpu backend. One ``execute`` call:
    ``mx.eval`` waits for the step, the only host synchronisation of a step
    whose sampling has no top-p candidate growth.
 
-Why the overlap stays inside the step: ``execute`` returns the step's token
-ids (``StepResult``), the contract the scheduler and the cpu/cuda backends
-share, and the next step's inputs come from the scheduler after it has seen
-them. Overlapping the host work of step t with the device work of step t+1
-(mlx-lm's loop) needs the engine to accept a deferred result; see
-docs/ARCHITECTURE.md.
+Async scheduling (``submit``, ``supports_ahead``): ``submit`` does steps 1-4
+but the wait, and returns a ``MetalPendingStep`` holding the step's tokens,
+logprob statistics and keys as running MLX arrays (``MetalSampler.build``,
+then ``mx.async_eval``); its ``result()`` is the step's one ``mx.eval``. The
+engine lays out step t+1 while step t runs (``Scheduler.schedule_ahead``) and
+submits it with step t's handle as ``previous``: the ahead step's input ids
+are ``previous.tokens[rows]``, gathered on the device, so step t+1 is queued
+behind step t before the host has seen step t's tokens, and the host
+detokenizes and emits step t while the device runs step t+1. Steps that need
+prompt logprobs run through ``execute``. Everything stays on the engine's
+step thread (MLX streams are per thread).
 
 Memory (``backends.metal.memory``): ``dtype="auto"`` is bfloat16; with no KV
 cache size given the cache gets ``gpu_memory_utilization`` of Metal's
@@ -33,17 +38,19 @@ are set once the cache is allocated and MLX's buffer cache is emptied every
 from __future__ import annotations
 
 from functools import partial
+from itertools import chain
 
 import mlx.core as mx
 import numpy as np
 import structlog
 
-from backends.base import Backend, BackendOptions, LogitRows, blocks_for_memory, kv_block_bytes, run_step
+from backends.base import (Backend, BackendOptions, CompletedStep, LogitRows, PendingStep, blocks_for_memory,
+                           kv_block_bytes, run_step)
 from backends.metal import memory
 from backends.input_batch import InputBatch
 from backends.metal.attention import KVCache, metadata_from_inputs
 from backends.metal.model import MLXLlamaModel, mlx_dtype
-from backends.metal.sampler import MetalSampler
+from backends.metal.sampler import LazySample, MetalSampler
 from model.config import ModelConfig
 from scheduler.output import SchedulerOutput, StepResult
 
@@ -59,6 +66,28 @@ MLX_LOGIT_ROWS = LogitRows(take=_take_rows,
                            to_numpy=lambda logits, rows: np.array(_take_rows(logits, rows).astype(mx.float32)))
 
 
+class MetalPendingStep(PendingStep):
+    """A metal step in flight: its sampled tokens still an MLX array the next step may read on the device."""
+
+    def __init__(self, sampler: MetalSampler, lazy: LazySample, request_ids: list[str]) -> None:
+        self.tokens = lazy.tokens                       # [N] int32, one per sampling request, in layout order
+        self.row_of = {rid: i for i, rid in enumerate(request_ids)}   # request id -> its row of tokens
+        self._sampler, self._lazy, self._request_ids = sampler, lazy, request_ids
+        self._result: StepResult | None = None
+
+    def result(self) -> StepResult:
+        """Wait for the step (its one ``mx.eval``) and read its tokens and logprobs."""
+        if self._result is None:
+            token_ids, logprobs = self._sampler.finish(self._lazy)
+            result = StepResult()
+            for rid, token_id, lp in zip(self._request_ids, token_ids, logprobs):
+                result.sampled_token_ids[rid] = token_id
+                if lp is not None:
+                    result.logprobs[rid] = lp
+            self._result, self._lazy = result, None
+        return self._result
+
+
 class MetalBackend(Backend):
     """``Backend`` on MLX (see ``backends/base.py`` for the life cycle).
 
@@ -71,6 +100,7 @@ class MetalBackend(Backend):
     """
 
     name = "metal"
+    supports_ahead = True
 
     def __init__(
         self,
@@ -149,34 +179,78 @@ class MetalBackend(Backend):
         """Run one step: write new K/V, attend, sample where ``needs_sample`` (see the module docstring)."""
         result = run_step(scheduler_output, self.sampler.drop, partial(self.compute_logits, wait=False),
                           self.sampler.sample, MLX_LOGIT_ROWS)
+        self._count_step()
+        return result
+
+    def submit(self, scheduler_output: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep:
+        """Start one step and return at once (see the module docstring); an ahead step
+        (``scheduler_output.ahead``) takes its input ids from ``previous``'s tokens on the device."""
+        scheduled = scheduler_output.scheduled
+        input_ids = None
+        if scheduler_output.ahead:
+            if not isinstance(previous, MetalPendingStep):
+                raise ValueError("an ahead step needs the previous step's MetalPendingStep as previous")
+            missing = [r.request_id for r in scheduled if r.request_id not in previous.row_of]
+            if missing or any(len(r.token_ids) != 1 for r in scheduled):
+                raise ValueError(f"an ahead step has one token per request of the previous step; "
+                                 f"{missing[:3] or 'some'} do not fit")
+            src = np.fromiter((previous.row_of[r.request_id] for r in scheduled), np.int32, len(scheduled))
+            input_ids = previous.tokens[mx.array(src)]                                    # [T] int32, lazy
+        elif any(r.needs_prompt_logprobs for r in scheduled):
+            return CompletedStep(self.execute(scheduler_output))
+        self.sampler.drop(chain(scheduler_output.finished_request_ids, scheduler_output.preempted_request_ids))
+        rows = [r for r in scheduled if r.needs_sample]
+        if not rows:                                   # prefill chunks only (or nothing): no token to wait for
+            if scheduled:
+                self.compute_logits(scheduler_output, wait=False)
+                self._count_step()
+            return CompletedStep(StepResult())
+        logits = self.compute_logits(scheduler_output, wait=None, input_ids=input_ids)      # [N, V] running
+        lazy = self.sampler.start(logits, rows)
+        mx.async_eval(lazy.tokens, lazy.stats, lazy.keys)
+        self._count_step()
+        return MetalPendingStep(self.sampler, lazy, [r.request_id for r in rows])
+
+    def _count_step(self) -> None:
         self.num_steps += 1
         if self.num_steps % memory.CLEAR_CACHE_EVERY == 0:
             mx.clear_cache()
-        return result
 
     def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False,
-                       wait: bool = True) -> mx.array:
+                       wait: bool | None = True, input_ids: mx.array | None = None) -> mx.array:
         """Run the model over the step; float32 logits ``[N, V]`` of the requests that sample.
 
         Rows follow the order of ``scheduled`` among those with ``needs_sample``;
         with ``all_tokens`` every scheduled token gets its row (``[T, V]``).
         Writes the step's K/V into the cache like ``execute`` (which calls it).
-        ``wait``: evaluated on return; otherwise the evaluation is started
-        (``mx.async_eval``) and the logits come back still running.
+        ``wait``: evaluated on return; False: the evaluation of the logits and
+        the caches is started (``mx.async_eval``) and the logits come back
+        still running; None: only the logits' evaluation is started (the caches
+        are computed on the way), so that no reference to this step's caches
+        outlives it and a step submitted behind it still scatters in place
+        (``submit``: naming the caches in ``mx.async_eval`` keeps them
+        referenced until it completes, and the next step's scatter copies).
+        ``input_ids`` ``[T]`` int32: an ahead step's tokens, still on the device
+        (the step's own ``token_ids`` are placeholders then).
         """
         if not self.kv_caches:
             raise RuntimeError("allocate_kv_cache must be called before execute")
         if scheduler_output.block_size != self.block_size:
             raise ValueError(f"step block_size {scheduler_output.block_size} != cache block_size {self.block_size}")
-        step = self.input_batch.prepare(scheduler_output, all_tokens)   # buffers reused: mx.array copies them
-        input_ids = mx.array(step.token_ids)                                             # [T] int32
+        step = self.input_batch.prepare(scheduler_output, all_tokens,   # buffers reused: mx.array copies them
+                                        takes_ahead=input_ids is not None)
+        if input_ids is None:
+            input_ids = mx.array(step.token_ids)                                         # [T] int32
         positions = mx.array(step.positions)                                             # [T] int32
         logits_indices = mx.array(step.logits_indices)                                   # [N] (or [T]) int32
         metadata = metadata_from_inputs(step, self.block_size)
         caches, self.kv_caches = self.kv_caches, []      # the graph alone holds the old caches: scatter in place
         try:
             logits, caches = self.model.forward(input_ids, positions, caches, metadata, logits_indices)
-            (mx.eval if wait else mx.async_eval)(logits, caches)
+            if wait is None:
+                mx.async_eval(logits)
+            else:
+                (mx.eval if wait else mx.async_eval)(logits, caches)
         except BaseException:
             self.kv_caches = caches                      # keep a cache list; the engine fails this step's requests
             raise

@@ -17,15 +17,18 @@ the sampler's own key, split once per step. The inverse-CDF draw runs in
 float32 and never picks a token of zero probability.
 
 ``MetalSampler.execute`` runs the plan's stages in ``PlanSampler``'s order but
-inside MLX's graph: the token ids, logprob statistics and the advanced keys
-stay MLX arrays, appended to the (possibly still running) forward pass, and
-one ``mx.eval`` brings them to the host: the step's only synchronisation,
-besides top-p's candidate growth when a nucleus is wider than its first try.
+inside MLX's graph: ``build`` appends them to the (possibly still running)
+forward pass, so the token ids, logprob statistics and the advanced keys stay
+MLX arrays (a ``LazySample``), and ``finish`` brings them to the host with
+one ``mx.eval``: the step's only synchronisation, besides top-p's candidate
+growth when a nucleus is wider than its first try. The metal backend's
+pending step keeps the ``LazySample`` between the two, so that the next step
+can read its tokens on the device (``backends.metal.backend``).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -90,7 +93,8 @@ def apply_top_k_top_p(logits: mx.array, stage: TopKTopP) -> mx.array:
     The nucleus is the smallest set of best tokens whose renormalised mass
     (after top-k) reaches ``top_p``; it is searched among the best
     ``stage.num_candidates`` tokens first, then more while some row's nucleus
-    is larger, up to the whole vocabulary. Tokens tied with the last kept one
+    is larger, up to the whole vocabulary (reading one flag on the host: none
+    when every row's top-k lies inside the candidates). Tokens tied with the last kept one
     are kept too.
     """
     if logits.shape[1] != stage.vocab_size:
@@ -111,8 +115,10 @@ def apply_top_k_top_p(logits: mx.array, stage: TopKTopP) -> mx.array:
         probs = mx.exp(values - total[:, None])                                           # [R, C]
         mass = mx.cumsum(probs, axis=-1)                                                  # [R, C]
         keep = (((mass - probs) < p[:, None]) & (values > -mx.inf)) | (rank == 0)         # [R, C]
+        if num_candidates == stage.vocab_size or bool((stage.k <= num_candidates).all()):
+            break                       # every row's top-k is inside: no nucleus can be wider (no host read)
         incomplete = ~inside & (mass[:, -1] < p)                                          # [R]
-        if num_candidates == stage.vocab_size or not mx.any(incomplete).item():
+        if not mx.any(incomplete).item():
             break
         num_candidates = stage.next_num_candidates(num_candidates)
     last = mx.sum(keep, axis=-1, keepdims=True) - 1                                       # [R, 1]
@@ -133,6 +139,17 @@ def inverse_cdf_sample(logits: mx.array, uniform: mx.array) -> mx.array:
     picked = mx.sum(cdf <= target, axis=-1)                                               # [R]
     last_possible = mx.max(mx.where(probs > 0, mx.arange(vocab), -1), axis=-1)            # [R]
     return mx.minimum(picked, last_possible)                                              # [R]
+
+
+class LazySample(NamedTuple):
+    """One step's sampling still in MLX's graph (``MetalSampler.build``); ``MetalSampler.finish`` reads it."""
+
+    tokens: mx.array                       # [N] int32, in row order
+    stats: list[mx.array]                  # [lp [M], rank [M]] (+ top ids [M, k], top logprobs [M, k]); [] none asked
+    keys: list[mx.array]                   # the sampler's keys as this step leaves them: evaluated with it
+    logprob_rows: tuple[int, ...]          # rows that asked for logprobs
+    num_top_logprobs: tuple[int, ...]      # top-k of each of logprob_rows
+    num_top: int                           # the largest of num_top_logprobs (0: none)
 
 
 class MetalSampler(PlanSampler[mx.array, mx.array]):
@@ -159,6 +176,18 @@ class MetalSampler(PlanSampler[mx.array, mx.array]):
 
     def execute(self, logits: mx.array, plan: SamplingPlan) -> tuple[list[int], list[Logprobs | None]]:
         """``plan``'s stages on ``logits`` ``[N, V]`` in MLX, then one ``mx.eval`` (see the module docstring)."""
+        return self.finish(self.build(logits, plan))
+
+    def start(self, logits: mx.array, rows: Sequence[SamplingRow]) -> LazySample:
+        """``run`` without the wait: the plan of ``rows`` built and its stages appended to ``logits``' graph."""
+        shape = tuple(logits.shape)
+        if len(shape) != 2 or shape[0] != len(rows):
+            raise ValueError(f"logits must be [N, V] with N = {len(rows)} rows, got {shape}")
+        return self.build(logits, SamplingPlan.from_rows(rows, self.eos_token_ids, shape[1]))
+
+    def build(self, logits: mx.array, plan: SamplingPlan) -> LazySample:
+        """``plan``'s stages appended to the graph of ``logits`` ``[N, V]``: nothing is evaluated (but top-p's
+        candidate growth, which reads one flag)."""
         raw_logprobs = self._log_softmax(logits, plan.logprob_rows) if plan.logprob_rows else None  # [M, V]
         if plan.penalties is not None:
             logits = self._apply_penalties(logits, plan.penalties)                        # [N, V]
@@ -178,13 +207,19 @@ class MetalSampler(PlanSampler[mx.array, mx.array]):
         num_top = max(plan.num_top_logprobs, default=0)
         if raw_logprobs is not None:
             stats = self._logprob_arrays(raw_logprobs, tokens[mx.array(plan.logprob_rows)], num_top)
-        mx.eval(tokens, stats, self._key, list(self._seeded.values()))   # the step's one host synchronisation
-        token_ids = tokens.tolist()
-        logprobs: list[Logprobs | None] = [None] * plan.num_rows
-        if stats:
-            lps, ranks = stats[0].tolist(), stats[1].tolist()
-            top_ids, top_lps = (stats[2].tolist(), stats[3].tolist()) if num_top else ([[]] * len(lps),) * 2
-            for j, (i, k) in enumerate(zip(plan.logprob_rows, plan.num_top_logprobs)):
+        return LazySample(tokens, stats, [self._key, *self._seeded.values()], plan.logprob_rows,
+                          plan.num_top_logprobs, num_top)
+
+    def finish(self, lazy: LazySample) -> tuple[list[int], list[Logprobs | None]]:
+        """Wait for ``lazy`` (one ``mx.eval``: the step's host synchronisation) and read it on the host."""
+        mx.eval(lazy.tokens, lazy.stats, lazy.keys)          # the step's one host synchronisation
+        token_ids = lazy.tokens.tolist()
+        logprobs: list[Logprobs | None] = [None] * len(token_ids)
+        if lazy.stats:
+            lps, ranks = lazy.stats[0].tolist(), lazy.stats[1].tolist()
+            top_ids, top_lps = ((lazy.stats[2].tolist(), lazy.stats[3].tolist()) if lazy.num_top
+                                else ([[]] * len(lps),) * 2)
+            for j, (i, k) in enumerate(zip(lazy.logprob_rows, lazy.num_top_logprobs)):
                 logprobs[i] = Logprobs(token_id=token_ids[i], logprob=lps[j], rank=ranks[j],
                                        top=list(zip(top_ids[j][:k], top_lps[j][:k])))
         return token_ids, logprobs

@@ -32,7 +32,7 @@ NON_DEFAULT = EngineArgs(model="m.gguf", backend="cpu", dtype="bfloat16", kv_cac
                          block_size=32, seed=7, enable_prefix_caching=False, max_queue=4, max_prompt_tokens=100,
                          num_threads=2, tensor_parallel_size=3, gpu_memory_utilization=0.5,
                          cuda_graph_mode="piecewise", scheduling_policy="priority", default_time_limit_ms=5000,
-                         quantization="none")
+                         quantization="none", async_scheduling=False)
 
 
 def _parser(exclude=()) -> argparse.ArgumentParser:
@@ -51,6 +51,7 @@ def test_every_option_has_a_flag_and_the_defaults_are_the_fields():
 def test_options_render_as_flags_and_parse_back():
     flags = NON_DEFAULT.to_cli_flags()
     assert "--no-enable-prefix-caching" in flags and flags[flags.index("--dtype") + 1] == "bfloat16"
+    assert "--no-async-scheduling" in flags
     assert EngineArgs.from_cli_args(_parser().parse_args(flags)) == NON_DEFAULT
     assert EngineArgs.from_cli_args(build_parser().parse_args(["serve", *flags])) == NON_DEFAULT
     assert EngineArgs(max_queue=1024).to_cli_flags() == []          # nothing to say at the defaults
