@@ -9,9 +9,14 @@ makes through the backend with timed ones:
   matmuls), the attention's ``forward`` (cache write and attention) and its
   native decode kernel, the native fused layer calls of a float32 decode step
   (``ops.attn_in`` / ``ops.mlp_block``: the layer's GEMMs with its norms,
-  RoPE and SwiGLU, which bypass ``linear``), and the sampler;
-- metal (MLX, lazy): ``execute``, ``compute_logits``, the model's
-  ``forward`` (which only builds the graph) and the sampler; the rest of
+  RoPE and SwiGLU, which bypass ``linear``), and the sampler; where a layer
+  is one native call (``model.decode_layers``), the call times its parts
+  itself and its cache write + attention count as attention, the rest as
+  the fused layer call;
+- metal (MLX, lazy): ``execute`` (with async scheduling: ``submit`` plus the
+  sampler's ``finish``, the wait of the handle's ``result()``),
+  ``compute_logits``, the model's ``forward`` (which only builds the graph)
+  and the sampler; the rest of
   ``compute_logits`` is the ``mx.eval`` that computes the step plus the input
   preparation (small beside it). MLX gives no per-op times; the matmul part
   of the evaluation is estimated by ``mlx_matmul_ms`` (the model's own
@@ -68,6 +73,24 @@ class _TimedKernel:
         return getattr(self._kernel, name)
 
 
+def _timed_layer_run(layers: Any, timers: Timers) -> Callable:
+    """``layers.run`` (one native call per decoder layer) split by the call's own clock: its cache write
+    and attention go to ``attention`` (and ``native_attention``), the rest of the call to ``fused_layer``."""
+    run = layers.run
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return run(*args, **kwargs)
+        finally:
+            wall = time.perf_counter() - t0
+            attention = layers.last_timings[1]
+            timers.totals["attention"] += attention
+            timers.totals["native_attention"] += attention
+            timers.totals["fused_layer"] += wall - attention
+    return timed
+
+
 def instrument(backend: Any, timers: Timers) -> Callable[[], None]:
     """Wrap ``backend``'s step parts (see the module docstring); returns ``restore``."""
     if backend.name not in ("cpu", "metal"):
@@ -96,10 +119,20 @@ def instrument(backend: Any, timers: Timers) -> Callable[[], None]:
         kernel = getattr(attention, "decode_kernel", None)
         if kernel is not None:
             patch(attention, "decode_kernel", _TimedKernel(kernel, timers.wrap("native_attention", kernel)))
+        layers = getattr(model, "decode_layers", None)
+        if layers is not None:
+            patch(layers, "record_timings", True)
+            patch(layers, "run", _timed_layer_run(layers, timers))
     else:
         # Only the graph build: evaluating inside ``forward`` would keep the old KV
         # caches referenced (the caller's frame), so MLX could not scatter in place.
         patch(model, "forward", timers.wrap("forward", model.forward))
+        # Async scheduling: a step is ``submit`` (graph build, sampler.start) and later its handle's
+        # ``result()``, whose wait is the sampler's ``finish``: both count as the step's backend time.
+        patch(backend, "submit", timers.wrap("execute", backend.submit))
+        sampler = backend.sampler
+        patch(sampler, "start", timers.wrap("sampler", sampler.start))
+        patch(sampler, "finish", timers.wrap("execute", timers.wrap("sampler", sampler.finish)))
 
     def restore() -> None:
         for obj, attr, on_instance, old in reversed(patched):

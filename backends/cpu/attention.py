@@ -5,10 +5,15 @@ Per layer, ``CPUAttention.forward``:
 1. writes K/V of ALL new tokens of the step into their cache slots
    (``index_copy_`` on the flattened ``[num_blocks * block_size, Hkv, D]``
    view), before any request attends: a request may read blocks another
-   request of the same step has just written (shared prefix blocks);
+   request of the same step has just written (shared prefix blocks); on a
+   decode-only step served by the native kernel, the kernel does this write
+   itself, in the same order (all rows, then the attention);
 2. decode requests (one new token) attend through the native kernel of
    ``backends/cpu/native`` when it could be built (float32): it reads each
-   request's blocks in place, with no gather copy. Otherwise they attend in
+   request's blocks in place, with no gather copy. ``native_decode_inputs``
+   hands a decode-only step's slots and tables to a model whose native
+   layers do the write and the attention inside their one call per layer
+   (``backends.cpu.native.layer``). Otherwise decodes attend in
    groups: one padded gather of their blocks into a reused workspace and one
    masked SDPA per group, the query heads of each KV head folded into the
    query axis (GQA without copying K/V). Groups are sized so the gathered K/V
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 from backends.cpu.attention_metadata import (  # noqa: F401 - build_attention_metadata et al. re-exported
     DEFAULT_MAX_GATHER_TOKENS, GATHER_BUDGET_BYTES, MAX_MASK_ELEMENTS, CPUAttentionMetadata, DecodeGroup,
     NativeDecode, PrefillChunk, additive_mask, build_attention_metadata, metadata_from_inputs)
+from backends.cpu.native import rows_of_heads
 from backends.input_batch import StepInputs
 from model.config import LayerAttention
 
@@ -124,6 +130,16 @@ class CPUAttention:
         return metadata_from_inputs(step, block_size, self.max_gather_tokens, self.dtype, native_decode=native,
                                     max_mask_elements=MAX_MASK_ELEMENTS)
 
+    def native_decode_inputs(self, metadata: CPUAttentionMetadata
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(slots [T] int64, block_tables [T, W] int32, context_lens [T] int32)`` of a decode-only step
+        the native kernel serves (one row per request, in order): what a one-call native layer
+        (``backends.cpu.native.layer``) needs to do this attention's work itself; None otherwise."""
+        native = metadata.native_decode
+        if native is None or not native.every or native.rows.shape[0] != metadata.slot_mapping.shape[0]:
+            return None
+        return metadata.slot_mapping, native.block_tables, native.context_lens
+
     def token_context_lens(self, metadata: CPUAttentionMetadata) -> torch.Tensor:
         """``[T]`` int64: each new token's request context length after this step."""
         return metadata.token_context_lens()
@@ -134,18 +150,20 @@ class CPUAttention:
         """Write K/V of the step, then attend; returns ``[T, H, D]``."""
         k_cache, v_cache = kv_cache
         h_kv, d = self.num_kv_heads, self.head_dim
+        layer = layer or LayerAttention(self.scale)
+        native = metadata.native_decode
+        if native is not None and native.every and q.shape[0] == native.rows.shape[0] \
+                and rows_of_heads(q, q.shape[0], self.num_heads, d) and rows_of_heads(k, k.shape[0], h_kv, d) \
+                and rows_of_heads(v, v.shape[0], h_kv, d):
+            # a decode-only step: the kernel writes the new K/V, reads q's rows in place (a view of the
+            # QKV buffer) and writes every output row, no selection copies
+            return self.decode_kernel(q, k_cache, v_cache, native.block_tables, native.context_lens,
+                                      layer.scale, window=layer.window, softcap=layer.softcap,
+                                      new_kv=(k, v, metadata.slot_mapping))    # [T, H, D]
         k_cache.view(-1, h_kv, d).index_copy_(0, metadata.slot_mapping, k)      # [S, Hkv, D]
         v_cache.view(-1, h_kv, d).index_copy_(0, metadata.slot_mapping, v)      # [S, Hkv, D]
-        layer = layer or LayerAttention(self.scale)
         metadata = metadata.windowed(layer.window)
-
         native = metadata.native_decode
-        if native is not None and native.every and q.shape[0] == native.rows.shape[0] and q.stride(2) == 1 \
-                and q.stride(1) == self.head_dim:
-            # a decode-only step: the kernel reads q's rows in place (a view of the QKV buffer) and
-            # writes every output row, no selection copies
-            return self.decode_kernel(q, k_cache, v_cache, native.block_tables, native.context_lens,
-                                      layer.scale, window=layer.window, softcap=layer.softcap)  # [T, H, D]
         out = q.new_empty(q.shape)                                              # [T, H, D]
         if native is not None:
             decoded = self.decode_kernel(q.index_select(0, native.rows), k_cache, v_cache, native.block_tables,

@@ -25,7 +25,11 @@ call; at a few rows torch's per-op dispatch costs more than the arithmetic.
 Ops that also offer ``attn_in`` / ``mlp_block`` run a layer in two calls
 (norm, QKV, RoPE; o_proj through the MLP) into buffers reused step after
 step, where the layer is plain enough (``_plan``); other layers keep the
-per-op path.
+per-op path. Ops with ``decode_layers`` run a plain layer in ONE call
+(``backends.cpu.native.layer``: the attention's cache write and attend
+included) on steps whose attention backend hands over its native decode
+inputs (``native_decode_inputs``: a decode-only step it would serve with the
+same kernel).
 """
 
 from __future__ import annotations
@@ -170,6 +174,15 @@ class LlamaModel:
         # decided on the first fused step; the buffers they write, per step shape, reused step after step.
         self._fused_plan: list[tuple[bool, bool]] | None = None
         self._scratch: dict[tuple[int, int, int], dict[str, Any]] = {}
+        # One-call layers (ops.decode_layers), for the layers whose MLP width is the model's (None: not offered);
+        # they belong to these ops: a caller that swaps ``ops`` later gets the ops' own (two-call) path.
+        self.decode_layers = None
+        self._decode_layers_ops = self.ops
+        if self.ops is not None and hasattr(self.ops, "decode_layers") and self.device.type == "cpu" \
+                and self.weights.layers and self.weights.layers[0].down is not None:
+            self.decode_layers = self.ops.decode_layers(config.hidden_size, self.num_heads, self.num_kv_heads,
+                                                        self.head_dim, self.weights.layers[0].down.shape[1],
+                                                        config.rms_norm_eps)
 
     def _move_weights(self) -> None:
         w = self.weights
@@ -206,8 +219,15 @@ class LlamaModel:
         ops = self.ops if self.ops is not None and input_ids.shape[0] <= self.ops.max_rows else None
         delta = None                                                           # fused: the last MLP output, unadded
         plan = self._plan() if ops is not None and hasattr(ops, "attn_in") else None
+        one_call = self._one_call_step(attn_metadata, input_ids.shape[0]) if plan is not None else None
         for i, layer in enumerate(self.weights.layers):
             cos, sin = rope[self.rope_index[i]]
+            if one_call is not None and plan[i][0] and plan[i][1] and layer.down.shape[1] == self.decode_layers.inter:
+                la, layers = self.layer_attention[i], self.decode_layers
+                layers.run(layers.layer(i, layer, kv_caches[i], la.scale, la.window, la.softcap), one_call[0],
+                           _dense(x), None if delta is None else _dense(delta), cos, sin)
+                x, delta = one_call[1]["res"], one_call[1]["out"]                  # [T, hidden] each
+                continue
             if plan is not None and plan[i][0]:
                 x, delta = self._fused_layer(i, layer, x, delta, cos, sin, kv_caches[i], attn_metadata,
                                              plan[i][1])                       # [T, hidden] each
@@ -233,6 +253,15 @@ class LlamaModel:
                  and _plain(w.o_proj, w.post_norm, w.gate_up, w.down))
                 for w in self.weights.layers]
         return self._fused_plan
+
+    def _one_call_step(self, attn_metadata: Any, rows: int) -> tuple[Any, dict[str, torch.Tensor], tuple] | None:
+        """The step of the one-call layers (``decode_layers.step``), or None where they do not apply."""
+        inputs = getattr(self.attention, "native_decode_inputs", None)
+        if self.decode_layers is None or self.ops is not self._decode_layers_ops or self.all_reduce is not None \
+                or inputs is None:
+            return None
+        native = inputs(attn_metadata)
+        return None if native is None else self.decode_layers.step(rows, *native, torch.get_num_threads())
 
     def _buffers(self, rows: int, hidden: int, n_qkv: int, inter: int) -> dict[str, Any]:
         key = (rows, n_qkv, inter)

@@ -2,15 +2,17 @@
 
 ``decode_attention()`` returns the paged decode-attention kernel of
 ``paged_decode_attention.c`` (float32, reads the cache in place through the
-block tables); ``decode_ops()`` the small-batch GEMM and fused elementwise
-operators of ``decode_ops.c`` (``ops.DecodeOps``). Each is None when it
-cannot be built here (no C compiler, a compiler error,
-``PAGEDGEN_CPU_KERNELS=0``); the cpu backend then keeps its pure-torch path,
-which computes the same thing.
+block tables, and can write the step's new K/V first); ``decode_ops()`` the
+small-batch GEMM and fused elementwise operators of ``decode_ops.c``
+(``ops.DecodeOps``), with ``decode_layer.c``'s whole decoder layer in one
+call (``layer.py``). Each is None when it cannot be built here (no C
+compiler, a compiler error, ``PAGEDGEN_CPU_KERNELS=0``); the cpu backend
+then keeps its pure-torch path, which computes the same thing.
 
-A shared library is built once per source, compiler and CPU (it is
-compiled with ``-march=native``) into ``$PAGEDGEN_CACHE_DIR/kernels`` and
-loaded with ctypes; a call releases the GIL while it runs. OpenMP resolves
+The sources are built together into one shared library, once per source
+text, compiler and CPU (it is compiled with ``-march=native``), into
+``$PAGEDGEN_CACHE_DIR/kernels`` and loaded with ctypes; a call releases the
+GIL while it runs. OpenMP resolves
 to the runtime torch has already loaded (same soname), so the kernels and
 torch share one thread pool.
 """
@@ -39,8 +41,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-_ATTENTION_SOURCE = Path(__file__).with_name("paged_decode_attention.c")
-_OPS_SOURCE = Path(__file__).with_name("decode_ops.c")
+_SOURCES = tuple(Path(__file__).with_name(name)
+                 for name in ("paged_decode_attention.c", "decode_ops.c", "decode_layer.c"))
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _lock = threading.Lock()
 _i32 = ctypes.c_int32
@@ -65,19 +67,18 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 
-def _build(compiler: str, source_path: Path) -> Path:
-    source = source_path.read_bytes()
+def _build(compiler: str, sources: tuple[Path, ...]) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(_FLAGS).encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in sources), version.encode(),
+                                     " ".join(_FLAGS).encode(), _cpu_signature().encode()])).hexdigest()[:16]
     out_dir = envs.cache_dir() / "kernels"
-    target = out_dir / f"{source_path.stem}-{key}.so"
+    target = out_dir / f"pagedgen_cpu-{key}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(source_path), "-lm"],
+        result = subprocess.run([compiler, *_FLAGS, "-o", str(built), *map(str, sources), "-lm"],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
@@ -86,13 +87,19 @@ def _build(compiler: str, source_path: Path) -> Path:
     return target
 
 
+def rows_of_heads(t: torch.Tensor, rows: int, heads: int, head_dim: int) -> bool:
+    """``t`` is float32 ``[rows, heads, head_dim]`` with each row's heads contiguous (rows may be strided)."""
+    return (t.dtype == torch.float32 and tuple(t.shape) == (rows, heads, head_dim) and t.stride(2) == 1
+            and t.stride(1) == head_dim and t.stride(0) >= heads * head_dim)
+
+
 class DecodeAttentionKernel:
     """ctypes binding of ``pagedgen_decode_attention_f32``."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._fn = library.pagedgen_decode_attention_f32
-        self._fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _i32, _ptr, _i32, _i32, _i32, _i32, _i32,
-                             ctypes.c_float, _i32, ctypes.c_float, _ptr, _i32, _i64]
+        self._fn.argtypes = [_ptr, _ptr, _ptr, _i64, _ptr, _i32, _ptr, _i32, _i32, _i32, _i32, _i32,
+                             ctypes.c_float, _i32, ctypes.c_float, _ptr, _i32, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i32]
         self._fn.restype = ctypes.c_int
         limits = [_i32(), _i32(), _i32()]
         library.pagedgen_decode_attention_limits(*(ctypes.byref(x) for x in limits))
@@ -105,7 +112,8 @@ class DecodeAttentionKernel:
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                  out: torch.Tensor | None = None, num_threads: int | None = None,
-                 window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                 window: int | None = None, softcap: float | None = None,
+                 new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``q`` ``[n, H, D]`` float32 -> ``[n, H, D]``; caches ``[NB, bs, Hkv, D]``;
         ``block_tables`` ``[n, max_blocks]`` int32; ``context_lens`` ``[n]`` int32.
 
@@ -113,9 +121,12 @@ class DecodeAttentionKernel:
         fused QKV buffer); ``out`` (written in place and returned) must be contiguous.
 
         ``window``: each query sees only its last ``window`` positions;
-        ``softcap``: scores become ``softcap * tanh(s / softcap)``."""
+        ``softcap``: scores become ``softcap * tanh(s / softcap)``.
+        ``new_kv``: ``(k, v, slots)``, the step's new rows ``[T, Hkv, D]`` (rows may be strided, like
+        ``q``'s) and their cache slots ``[T]`` int64, written into the caches before anyone attends
+        (``write_kv_cache_ref``)."""
         n, num_heads, head_dim = q.shape
-        _, block_size, num_kv_heads, cache_dim = k_cache.shape
+        num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
         if q.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != head_dim \
                 or q.stride(0) < num_heads * head_dim:
             raise ValueError(f"q must be a float32 [n, H, D] tensor with contiguous rows, got {q.dtype} strides "
@@ -133,37 +144,60 @@ class DecodeAttentionKernel:
             out = torch.empty(q.shape, dtype=q.dtype)                                   # [n, H, D]
         elif out.shape != q.shape or out.dtype != torch.float32 or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous float32 {tuple(q.shape)} tensor, got {tuple(out.shape)}")
-        status = self._fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+        k_ptr = v_ptr = slot_ptr = None
+        k_stride = v_stride = num_new = 0
+        if new_kv is not None:
+            k_new, v_new, slots = new_kv
+            num_new = slots.shape[0]
+            if not rows_of_heads(k_new, num_new, num_kv_heads, head_dim) \
+                    or not rows_of_heads(v_new, num_new, num_kv_heads, head_dim):
+                raise ValueError(f"new k and v must be float32 [{num_new}, {num_kv_heads}, {head_dim}] with "
+                                 f"contiguous rows, got {tuple(k_new.shape)} strides {k_new.stride()} and "
+                                 f"{tuple(v_new.shape)} strides {v_new.stride()}")
+            if slots.dtype != torch.int64 or slots.dim() != 1 or not slots.is_contiguous():
+                raise ValueError("slots must be a contiguous [T] int64 tensor")
+            k_ptr, v_ptr, slot_ptr = k_new.data_ptr(), v_new.data_ptr(), slots.data_ptr()
+            k_stride, v_stride = k_new.stride(0), v_new.stride(0)
+        status = self._fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, block_tables.data_ptr(),
                           block_tables.shape[1], context_lens.data_ptr(), n, num_heads, num_kv_heads,
                           head_dim, block_size, scale, window or 0, softcap or 0.0, out.data_ptr(),
-                          num_threads or torch.get_num_threads(), q.stride(0))
+                          num_threads or torch.get_num_threads(), q.stride(0), k_ptr, k_stride, v_ptr, v_stride,
+                          slot_ptr, num_new)
+        if status == -2:
+            raise ValueError(f"paged decode attention: a context length, block id or slot is out of range "
+                             f"({num_blocks} blocks of {block_size}, {block_tables.shape[1]} table columns)")
         if status != 0:
             raise ValueError(f"paged decode attention does not support heads={num_heads}, "
                              f"kv_heads={num_kv_heads}, head_dim={head_dim}, block_size={block_size}")
         return out
 
 
-def _load(source: Path, fallback: str) -> ctypes.CDLL | None:
-    """The compiled library of ``source``, or None where it cannot be built (logged)."""
-    if not envs.get_bool("PAGEDGEN_CPU_KERNELS"):
-        return None
+def _library() -> ctypes.CDLL | None:
+    """The compiled library of every kernel, or None where it is switched off or cannot be built."""
+    return _compiled() if envs.get_bool("PAGEDGEN_CPU_KERNELS") else None
+
+
+@lru_cache(maxsize=1)
+def _compiled() -> ctypes.CDLL | None:
+    """The library built from ``_SOURCES`` (once per process), or None where it cannot be (logged once)."""
     compiler = _compiler()
     if compiler is None:
-        log.warning("cpu_kernel_unavailable", reason="no C compiler (cc, gcc, clang) on PATH", fallback=fallback)
+        log.warning("cpu_kernel_unavailable", reason="no C compiler (cc, gcc, clang) on PATH",
+                    fallback="torch attention and operators")
         return None
     try:
         with _lock:
-            path = _build(compiler, source)
+            path = _build(compiler, _SOURCES)
         return ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("cpu_kernel_unavailable", reason=str(e)[:500], fallback=fallback)
+        log.warning("cpu_kernel_unavailable", reason=str(e)[:500], fallback="torch attention and operators")
         return None
 
 
 @lru_cache(maxsize=1)
 def decode_attention() -> DecodeAttentionKernel | None:
     """The compiled attention kernel, or None where it cannot be built (logged once)."""
-    library = _load(_ATTENTION_SOURCE, "torch attention")
+    library = _library()
     return None if library is None else DecodeAttentionKernel(library)
 
 
@@ -172,5 +206,5 @@ def decode_ops() -> "DecodeOps | None":
     """The compiled small-batch operators (``ops.DecodeOps``), or None where they cannot be built (logged once)."""
     from backends.cpu.native.ops import DecodeOps
 
-    library = _load(_OPS_SOURCE, "torch operators")
+    library = _library()
     return None if library is None else DecodeOps(library)

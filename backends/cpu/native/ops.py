@@ -16,8 +16,12 @@ microseconds, a tenth of a layer's arithmetic.
 from __future__ import annotations
 
 import ctypes
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from backends.cpu.native.layer import DecodeLayers
 
 _i32 = ctypes.c_int32
 _i64 = ctypes.c_int64
@@ -44,6 +48,7 @@ class DecodeOps:
     max_rows = MAX_ROWS
 
     def __init__(self, library: ctypes.CDLL) -> None:
+        self._library = library
         self._linear = library.pagedgen_linear_f32
         self._linear.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i32, _i32, _i32, _i32]
         self._norm = library.pagedgen_add_rms_norm_f32
@@ -179,6 +184,13 @@ class DecodeOps:
                                  m, attn_dim, hidden, inter, torch.get_num_threads()):
             raise ValueError(f"mlp_block rejected attn {tuple(attn.shape)}, x {tuple(x.shape)}")
         return s.out
+
+    def decode_layers(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, inter: int,
+                      eps: float) -> "DecodeLayers":
+        """A model's one-call decoder layers (``layer.DecodeLayers``: attn_in, cache write + attention, mlp_block)."""
+        from backends.cpu.native.layer import DecodeLayers
+
+        return DecodeLayers(self._library, hidden, num_heads, num_kv_heads, head_dim, inter, eps)
 
     def mlp_scratch(self, rows: int, hidden: int, inter: int) -> "MlpScratch":
         """Buffers for ``mlp_block`` of ``rows`` tokens; a caller reuses them step after step."""

@@ -1,25 +1,32 @@
 /*
- * Paged decode attention for the cpu backend, float32.
+ * Paged decode attention for the cpu backend, float32, with the step's cache write.
  *
  * One query token per sequence attends to its whole context (or, with a
  * sliding window W > 0, to its last W positions only: the blocks before the
  * window are never read), in place from the paged cache through its block
  * table (no gather copy). A soft-cap C > 0 turns each scaled score s into
- * C * tanh(s / C) before the softmax (Gemma 2). Work items
- * are (sequence, KV head) pairs; the G = num_heads / num_kv_heads query heads
- * of one KV head are processed together, so each cached K and V row is read
- * once (GQA). Softmax is online, block by block: per block, scores of all its
- * tokens, then one rescale of the running sum and accumulator.
+ * C * tanh(s / C) before the softmax (Gemma 2). Given the step's new K/V rows
+ * and their slots, it first writes them into the cache (all of them, before
+ * any sequence attends: one may read a block another just wrote).
  *
- * Layouts (all contiguous, row-major):
+ * Work items are (sequence, KV head) pairs, spread over the threads when there
+ * is enough of them; the G = num_heads / num_kv_heads query heads of one KV
+ * head are processed together, so each cached K and V row is read once from
+ * memory (GQA). The context is walked in chunks of up to CHUNK tokens: the
+ * scores of a whole chunk (8 tokens at a time, their partial sums reduced
+ * together), one softmax rescale, then P @ V over the chunk while its V rows
+ * are still in cache. Online softmax between chunks.
+ *
+ * Layouts (row-major):
  *   q             [num_seqs, num_heads, head_dim] (rows q_row_stride floats apart)
  *   k_cache       [num_blocks, block_size, num_kv_heads, head_dim]  (v_cache the same)
  *   block_tables  [num_seqs, max_blocks] int32 (entries past a sequence's context are ignored)
  *   context_lens  [num_seqs] int32, each >= 1
+ *   k_new, v_new  [num_new, num_kv_heads, head_dim] (rows k_/v_row_stride floats apart), slots [num_new] int64
  *   out           [num_seqs, num_heads, head_dim]
  *
- * The reference with the same meaning is paged_attention_ref in
- * backends/cpu/attention.py; tests compare the two.
+ * The reference with the same meaning is paged_attention_ref (and
+ * write_kv_cache_ref) in backends/cpu/attention.py; tests compare them.
  */
 #include <math.h>
 #include <stddef.h>
@@ -30,6 +37,8 @@
 #define MAX_GROUP 64      /* query heads per KV head */
 #define MAX_HEAD_DIM 512
 #define MAX_BLOCK_SIZE 256
+#define CHUNK 64          /* context tokens scored before each softmax rescale */
+#define PARALLEL_MIN_WORK 8192   /* context tokens x KV heads below which one thread does it all */
 
 int pagedgen_decode_attention_limits(int32_t *max_group, int32_t *max_head_dim, int32_t *max_block_size) {
     *max_group = MAX_GROUP;
@@ -45,7 +54,6 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 
 static inline v8f load8(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
-static inline float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 /* exp(x) for x <= 0 (scores minus their running max): x = n ln2 + r with
  * |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n through the exponent
@@ -68,137 +76,220 @@ static inline v8f exp8_nonpositive(v8f x) {
     return p * scale;
 }
 
-static inline void prefetch_block(const float *block, size_t bytes) {
-    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)block + off, 0, 3);
+/* The 8 horizontal sums of a[0..7], as one vector (lane j = sum of a[j]'s lanes). */
+static inline v8f reduce8x8(const v8f a[8]) {
+    v8f s[8];
+    for (int j = 0; j < 8; j++) s[j] = a[j];
+    /* pairwise: after each stage lane groups hold partial sums of more vectors */
+    v8f t0 = __builtin_shufflevector(s[0], s[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+             __builtin_shufflevector(s[0], s[1], 1, 9, 3, 11, 5, 13, 7, 15);   /* a0 a1 pairs */
+    v8f t1 = __builtin_shufflevector(s[2], s[3], 0, 8, 2, 10, 4, 12, 6, 14) +
+             __builtin_shufflevector(s[2], s[3], 1, 9, 3, 11, 5, 13, 7, 15);
+    v8f t2 = __builtin_shufflevector(s[4], s[5], 0, 8, 2, 10, 4, 12, 6, 14) +
+             __builtin_shufflevector(s[4], s[5], 1, 9, 3, 11, 5, 13, 7, 15);
+    v8f t3 = __builtin_shufflevector(s[6], s[7], 0, 8, 2, 10, 4, 12, 6, 14) +
+             __builtin_shufflevector(s[6], s[7], 1, 9, 3, 11, 5, 13, 7, 15);
+    /* t0 lanes: a0(01) a1(01) a0(23) a1(23) a0(45) a1(45) a0(67) a1(67) */
+    v8f u0 = __builtin_shufflevector(t0, t1, 0, 1, 8, 9, 4, 5, 12, 13) +
+             __builtin_shufflevector(t0, t1, 2, 3, 10, 11, 6, 7, 14, 15);
+    v8f u1 = __builtin_shufflevector(t2, t3, 0, 1, 8, 9, 4, 5, 12, 13) +
+             __builtin_shufflevector(t2, t3, 2, 3, 10, 11, 6, 7, 14, 15);
+    /* u0 lanes: a0..a3 (sums of lanes 0-3), a0..a3 (lanes 4-7) */
+    return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-/* One block of the G query heads of one KV head. q: [G, D] rows of this head
- * group; k_block, v_block: the block's first token at this head; acc: [G, D]
- * unnormalised outputs; running_max / running_sum: [G]; scores: [G, bs rounded up to 8]. */
-static void attend_block(const float *q, const float *k_block, const float *v_block, int32_t n,
-                         int32_t group, size_t token_stride, int32_t head_dim, int32_t padded_block,
-                         float scale, float softcap, float *acc, float *running_max, float *running_sum,
-                         float *scores) {
-    {
-        /* scores[g][t] = scale * q_g . k_t; each K row is read once for all G heads,
-         * four independent partial sums hide the FMA latency */
-        for (int32_t t = 0; t < n; t++) {
-            const float *k = k_block + t * token_stride;
+/* scores[t] = q . k_t for the n <= 8 rows k[0..n-1] (head_dim a multiple of 8). */
+static inline void dot8(const float *q, const float *const k[8], int n, int32_t head_dim, float *scores) {
+    v8f acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = (v8f){0};
+    for (int32_t d = 0; d < head_dim; d += 8) {
+        const v8f qv = load8(q + d);
+        for (int j = 0; j < 8; j++) acc[j] += qv * load8(k[j] + d);
+    }
+    const v8f s = reduce8x8(acc);
+    if (n == 8) store8(scores, s);
+    else for (int j = 0; j < n; j++) scores[j] = s[j];
+}
+
+/* a [8 * width] = a * correction + sum_t p[t] v[rows[t]] [8 * width]; inlined with width 8 (registers). */
+static inline __attribute__((always_inline)) void pv_accumulate(float *a, const float *v, const size_t *rows,
+                                                                const float *p, int32_t n, float correction,
+                                                                int width) {
+    v8f r[8];
+    for (int c = 0; c < width; c++) r[c] = load8(a + 8 * c) * correction;
+    for (int32_t t = 0; t < n; t++) {
+        const float *vt = v + rows[t];
+        const float pt = p[t];
+        for (int c = 0; c < width; c++) r[c] += pt * load8(vt + 8 * c);
+    }
+    for (int c = 0; c < width; c++) store8(a + 8 * c, r[c]);
+}
+
+/* Running softmax state of one query head. */
+typedef struct {
+    float max, sum;
+} softmax_state;
+
+/* scores s [n] of one query head (unscaled) -> probabilities against the head's running max; returns
+ * the correction of its earlier sums (0 on the first chunk) and updates st. */
+static inline float softmax_chunk(float *s, int32_t n, float scale, float softcap, softmax_state *st) {
+    v8f max8 = (v8f){0} - INFINITY;
+    int32_t t = 0;
+    if (softcap > 0.0f) {
+        for (t = 0; t < n; t++) s[t] = tanhf(s[t] * scale / softcap) * softcap;
+        scale = 1.0f;
+    }
+    for (t = 0; t + 8 <= n; t += 8) {
+        const v8f v = load8(s + t) * scale;
+        store8(s + t, v);
+        const v8i greater = v > max8;
+        max8 = (v8f)((greater & (v8i)v) | (~greater & (v8i)max8));
+    }
+    float chunk_max = -INFINITY;
+    for (int j = 0; j < 8; j++) chunk_max = max8[j] > chunk_max ? max8[j] : chunk_max;
+    for (; t < n; t++) {
+        s[t] *= scale;
+        chunk_max = s[t] > chunk_max ? s[t] : chunk_max;
+    }
+    const float new_max = chunk_max > st->max ? chunk_max : st->max;
+    const float correction = expf(st->max - new_max);            /* 0 on the first chunk */
+    st->max = new_max;
+    v8f sum8 = {0};
+    for (t = 0; t + 8 <= n; t += 8) {
+        const v8f p = exp8_nonpositive(load8(s + t) - new_max);
+        store8(s + t, p);
+        sum8 += p;
+    }
+    float sum = ((sum8[0] + sum8[4]) + (sum8[1] + sum8[5])) + ((sum8[2] + sum8[6]) + (sum8[3] + sum8[7]));
+    for (; t < n; t++) {
+        s[t] = expf(s[t] - new_max);
+        sum += s[t];
+    }
+    st->sum = st->sum * correction + sum;
+    return correction;
+}
+
+/* One sequence's KV heads kv0 .. kv1 - 1 (their query heads q [.., G, D], out the same) over positions
+ * first .. context_len - 1, read through table. The context is walked chunk by chunk, every head of the
+ * range within a chunk (the chunk's cache rows are read together, the next chunk's prefetched).
+ * Work buffers: scores [G, CHUNK], rows [CHUNK] token offsets, st [H] softmax states. */
+static void attend_heads(const float *q, const float *k_cache, const float *v_cache, const int32_t *table,
+                         int32_t first, int32_t context_len, int32_t kv0, int32_t kv1, int32_t group,
+                         int32_t head_dim, int32_t block_size, size_t token_stride, float scale, float softcap,
+                         float *out, float *scores, size_t *rows, softmax_state *st) {
+    const size_t head_floats = (size_t)group * head_dim;
+    for (int32_t g = 0; g < (kv1 - kv0) * group; g++) st[g] = (softmax_state){-INFINITY, 0.0f};
+    memset(out, 0, sizeof(float) * (size_t)(kv1 - kv0) * head_floats);
+    const size_t span = sizeof(float) * (size_t)(kv1 - kv0) * head_dim;     /* bytes of a row this item reads */
+    for (int32_t c0 = first; c0 < context_len; c0 += CHUNK) {
+        const int32_t n = context_len - c0 < CHUNK ? context_len - c0 : CHUNK;
+        for (int32_t t = 0, b = c0 / block_size, off = c0 % block_size; t < n; t++) {
+            rows[t] = ((size_t)table[b] * block_size + off) * token_stride + (size_t)kv0 * head_dim;
+            if (++off == block_size) {
+                off = 0;
+                b++;
+            }
+        }
+        /* the next chunk's rows, fetched while this one is computed */
+        for (int32_t pos = c0 + CHUNK; pos < context_len && pos < c0 + 2 * CHUNK; pos++) {
+            const size_t row = ((size_t)table[pos / block_size] * block_size + pos % block_size) * token_stride
+                               + (size_t)kv0 * head_dim;
+            for (size_t off = 0; off < span; off += 64) {
+                __builtin_prefetch((const char *)(k_cache + row) + off, 0, 3);
+                __builtin_prefetch((const char *)(v_cache + row) + off, 0, 3);
+            }
+        }
+        for (int32_t kv = 0; kv < kv1 - kv0; kv++) {
+            const float *kh = k_cache + (size_t)kv * head_dim, *vh = v_cache + (size_t)kv * head_dim;
+            const float *qh = q + (size_t)kv * head_floats;
+            float *oh = out + (size_t)kv * head_floats;
+            /* scores of the chunk: 8 keys at a time, each K row read once for all G heads */
+            for (int32_t t = 0; t < n; t += 8) {
+                const int m = n - t < 8 ? n - t : 8;
+                const float *k[8];
+                for (int j = 0; j < 8; j++) k[j] = kh + rows[t + (j < m ? j : m - 1)];
+                for (int32_t g = 0; g < group; g++)
+                    dot8(qh + (size_t)g * head_dim, k, m, head_dim, scores + (size_t)g * CHUNK + t);
+            }
             for (int32_t g = 0; g < group; g++) {
-                const float *qg = q + (size_t)g * head_dim;
-                v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-                int32_t d = 0;
-                for (; d + 32 <= head_dim; d += 32) {
-                    s0 += load8(qg + d) * load8(k + d);
-                    s1 += load8(qg + d + 8) * load8(k + d + 8);
-                    s2 += load8(qg + d + 16) * load8(k + d + 16);
-                    s3 += load8(qg + d + 24) * load8(k + d + 24);
-                }
-                for (; d < head_dim; d += 8) s0 += load8(qg + d) * load8(k + d);
-                const float score = hsum8((s0 + s1) + (s2 + s3)) * scale;
-                scores[g * padded_block + t] = softcap > 0.0f ? tanhf(score / softcap) * softcap : score;
-            }
-        }
-        for (int32_t g = 0; g < group; g++) {
-            float *s = scores + (size_t)g * padded_block;
-            float block_max = s[0];
-            for (int32_t t = 1; t < n; t++) block_max = s[t] > block_max ? s[t] : block_max;
-            const float new_max = block_max > running_max[g] ? block_max : running_max[g];
-            const float correction = expf(running_max[g] - new_max);   /* 0 on the first block */
-            running_max[g] = new_max;
-            for (int32_t t = 0; t < n; t += 8) store8(s + t, exp8_nonpositive(load8(s + t) - new_max));
-            float sum = 0.0f;
-            for (int32_t t = 0; t < n; t++) sum += s[t];
-            running_sum[g] = running_sum[g] * correction + sum;
-            /* acc_g = acc_g * correction + sum_t p_t v_t, 64 dims at a time in registers */
-            for (int32_t d0 = 0; d0 < head_dim; d0 += 64) {
-                const int32_t width = head_dim - d0 < 64 ? head_dim - d0 : 64;
-                float *a = acc + (size_t)g * head_dim + d0;
-                v8f r[8];
-                for (int32_t c = 0; c < width / 8; c++) r[c] = load8(a + 8 * c) * correction;
-                for (int32_t t = 0; t < n; t++) {
-                    const float *v = v_block + t * token_stride + d0;
-                    const float p = s[t];
-                    for (int32_t c = 0; c < width / 8; c++) r[c] += p * load8(v + 8 * c);
-                }
-                for (int32_t c = 0; c < width / 8; c++) store8(a + 8 * c, r[c]);
+                float *s = scores + (size_t)g * CHUNK;
+                const float correction = softmax_chunk(s, n, scale, softcap, &st[kv * group + g]);
+                /* out_g = out_g * correction + sum_t p_t v_t, 64 dims at a time in registers */
+                int32_t d0 = 0;
+                for (; d0 + 64 <= head_dim; d0 += 64)
+                    pv_accumulate(oh + (size_t)g * head_dim + d0, vh + d0, rows, s, n, correction, 8);
+                for (; d0 < head_dim; d0 += 8)
+                    pv_accumulate(oh + (size_t)g * head_dim + d0, vh + d0, rows, s, n, correction, 1);
             }
         }
     }
-}
-
-/* All heads of one sequence, block by block: a block's K and V rows (every KV
- * head) are contiguous, consumed while in cache, and the next block is
- * prefetched meanwhile. With window > 0 only positions context_len - window
- * .. context_len - 1 are read. acc: [H, D]; scores: [G, bs rounded up to 8]. */
-static void attend_sequence(const float *q, const float *k_cache, const float *v_cache, const int32_t *table,
-                            int32_t context_len, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
-                            int32_t block_size, float scale, int32_t window, float softcap, float *out,
-                            float *acc, float *scores, float *running_max, float *running_sum) {
-    const int32_t group = num_heads / num_kv_heads;
-    const size_t token_stride = (size_t)num_kv_heads * head_dim;
-    const size_t block_bytes = sizeof(float) * block_size * token_stride;
-    const int32_t padded_block = (block_size + 7) / 8 * 8;
-    for (int32_t h = 0; h < num_heads; h++) {
-        running_max[h] = -INFINITY;
-        running_sum[h] = 0.0f;
-    }
-    memset(acc, 0, sizeof(float) * (size_t)num_heads * head_dim);
-    const int32_t num_blocks = (context_len + block_size - 1) / block_size;
-    const int32_t first_pos = (window > 0 && context_len > window) ? context_len - window : 0;
-    for (int32_t b = first_pos / block_size; b < num_blocks; b++) {
-        const int32_t skip = (b == first_pos / block_size) ? first_pos - b * block_size : 0;  /* before the window */
-        const int32_t n = ((b == num_blocks - 1) ? context_len - b * block_size : block_size) - skip;
-        const size_t base = ((size_t)table[b] * block_size + skip) * token_stride;
-        if (b + 1 < num_blocks) {
-            const size_t next = (size_t)table[b + 1] * block_size * token_stride;
-            prefetch_block(k_cache + next, block_bytes);
-            prefetch_block(v_cache + next, block_bytes);
-        }
-        for (int32_t kv_head = 0; kv_head < num_kv_heads; kv_head++) {
-            const int32_t h0 = kv_head * group;
-            attend_block(q + (size_t)h0 * head_dim, k_cache + base + (size_t)kv_head * head_dim,
-                         v_cache + base + (size_t)kv_head * head_dim, n, group, token_stride, head_dim,
-                         padded_block, scale, softcap, acc + (size_t)h0 * head_dim, running_max + h0,
-                         running_sum + h0, scores);
-        }
-    }
-    for (int32_t h = 0; h < num_heads; h++) {
-        const float inv = 1.0f / running_sum[h];
-        for (int32_t d = 0; d < head_dim; d++) out[(size_t)h * head_dim + d] = acc[(size_t)h * head_dim + d] * inv;
+    for (int32_t g = 0; g < (kv1 - kv0) * group; g++) {
+        const float inv = 1.0f / st[g].sum;
+        for (int32_t d = 0; d < head_dim; d++) out[(size_t)g * head_dim + d] *= inv;
     }
 }
 
-/* Returns 0, or -1 when a shape is outside the limits (nothing written). Sequence s's query heads
- * start at q + s * q_row_stride (>= num_heads * head_dim: a row of a wider QKV buffer); out is dense.
- * window <= 0: full attention; softcap <= 0: no cap. */
-int pagedgen_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
+/* Returns 0; -1 when a shape is outside the limits, -2 when a slot, block id or context length is
+ * out of range (nothing written either way). Sequence s's query heads start at q + s * q_row_stride
+ * (>= num_heads * head_dim: a row of a wider QKV buffer); out is dense. With k_new (and v_new, slots)
+ * the num_new rows are written to their cache slots first. window <= 0: full attention; softcap <= 0:
+ * no cap. */
+int pagedgen_decode_attention_f32(const float *q, float *k_cache, float *v_cache, int64_t num_blocks,
                                   const int32_t *block_tables, int32_t max_blocks, const int32_t *context_lens,
                                   int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
                                   int32_t block_size, float scale, int32_t window, float softcap, float *out,
-                                  int32_t num_threads, int64_t q_row_stride) {
+                                  int32_t num_threads, int64_t q_row_stride, const float *k_new,
+                                  int64_t k_row_stride, const float *v_new, int64_t v_row_stride,
+                                  const int64_t *slots, int32_t num_new) {
     if (num_kv_heads < 1 || num_heads % num_kv_heads != 0 || q_row_stride < (int64_t)num_heads * head_dim) return -1;
     const int32_t group = num_heads / num_kv_heads;
-    if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || head_dim % 8 != 0 || block_size > MAX_BLOCK_SIZE)
+    if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || head_dim % 8 != 0 || block_size < 1
+            || block_size > MAX_BLOCK_SIZE)
         return -1;
-    /* one sequence (single-stream decode) runs on the calling thread: forking costs more than its work */
-#pragma omp parallel num_threads(num_threads) if (num_seqs > 1)
+    const size_t token_stride = (size_t)num_kv_heads * head_dim;
+    if (k_new && (k_row_stride < (int64_t)token_stride || v_row_stride < (int64_t)token_stride)) return -1;
+    /* every index is checked before anything is written or read */
+    int64_t work = 0;
+    for (int32_t s = 0; s < num_seqs; s++) {
+        const int32_t len = context_lens[s];
+        if (len < 1 || (int64_t)(len + block_size - 1) / block_size > max_blocks) return -2;
+        const int32_t first = (window > 0 && len > window) ? len - window : 0;
+        for (int32_t b = first / block_size; b <= (len - 1) / block_size; b++)
+            if (block_tables[(size_t)s * max_blocks + b] < 0 || block_tables[(size_t)s * max_blocks + b] >= num_blocks)
+                return -2;
+        work += len - first;
+    }
+    if (k_new)
+        for (int32_t i = 0; i < num_new; i++)
+            if (slots[i] < 0 || slots[i] >= num_blocks * block_size) return -2;
+    for (int32_t i = 0; k_new && i < num_new; i++) {
+        memcpy(k_cache + (size_t)slots[i] * token_stride, k_new + (size_t)i * k_row_stride, sizeof(float) * token_stride);
+        memcpy(v_cache + (size_t)slots[i] * token_stride, v_new + (size_t)i * v_row_stride, sizeof(float) * token_stride);
+    }
+    /* work items: whole sequences when there are enough of them (or one thread), else (sequence, KV head)
+     * pairs */
+    const int parallel = num_threads > 1 && num_seqs * num_kv_heads > 1 && work * num_kv_heads >= PARALLEL_MIN_WORK;
+    const int32_t heads_per_item = (num_seqs >= 2 * num_threads || !parallel) ? num_kv_heads : 1;
+    const int32_t per_seq = num_kv_heads / heads_per_item, items = num_seqs * per_seq;
+#pragma omp parallel num_threads(num_threads) if (parallel)
     {
-        float *work = (float *)malloc(sizeof(float) * ((size_t)num_heads * head_dim + (size_t)group * ((block_size + 7) / 8 * 8)
-                                                       + 2 * (size_t)num_heads));
-        float *acc = work;
-        float *scores = acc + (size_t)num_heads * head_dim;
-        float *running_max = scores + (size_t)group * ((block_size + 7) / 8 * 8);
-        float *running_sum = running_max + num_heads;
+        float *scores = (float *)malloc(sizeof(float) * (size_t)group * CHUNK + sizeof(size_t) * CHUNK
+                                        + sizeof(softmax_state) * (size_t)num_heads);
+        size_t *rows = (size_t *)(scores + (size_t)group * CHUNK);
+        softmax_state *st = (softmax_state *)(rows + CHUNK);
 #pragma omp for schedule(dynamic, 1)
-        for (int32_t seq = 0; seq < num_seqs; seq++) {
-            const size_t row = (size_t)seq * num_heads * head_dim;
-            attend_sequence(q + (size_t)seq * (size_t)q_row_stride, k_cache, v_cache,
-                            block_tables + (size_t)seq * max_blocks, context_lens[seq],
-                            num_heads, num_kv_heads, head_dim, block_size, scale, window, softcap, out + row,
-                            acc, scores, running_max, running_sum);
+        for (int32_t item = 0; item < items; item++) {
+            const int32_t seq = item / per_seq, kv0 = item % per_seq * heads_per_item;
+            const int32_t len = context_lens[seq];
+            const int32_t first = (window > 0 && len > window) ? len - window : 0;
+            const size_t head = (size_t)kv0 * group * head_dim;
+            attend_heads(q + (size_t)seq * (size_t)q_row_stride + head, k_cache, v_cache,
+                         block_tables + (size_t)seq * max_blocks, first, len, kv0, kv0 + heads_per_item, group,
+                         head_dim, block_size, token_stride, scale, softcap,
+                         out + (size_t)seq * num_heads * head_dim + head, scores, rows, st);
         }
-        free(work);
+        free(scores);
     }
     return 0;
 }
