@@ -12,7 +12,10 @@ layer, so a sliding window is over-counted).
 layer's projections for a chunk of ``rows`` tokens) in the
 same process, threads and dtype as the run, for about ``seconds``; the
 ceiling of a run is its matmul FLOPs at that rate, and the fraction reached
-is that ideal time over the measured time.
+is that ideal time over the measured time. On a CPU in float32 it also
+times, for as long, oneDNN with prepacked weights at the same shapes (what
+the cpu backend runs for more than a few rows, ``backends.cpu.linear``), and
+reports that rate beside the ceiling; the ceiling stays ``torch.mm``'s.
 """
 
 from __future__ import annotations
@@ -97,13 +100,15 @@ def gemm_shapes(config: ModelConfig) -> list[tuple[int, int]]:
 
 
 def calibrate_gemm(config: ModelConfig, *, rows: int = 2048, seconds: float = 1.5, dtype: str = "float32",
-                   device: str = "cpu") -> dict:
+                   device: str = "cpu", onednn: bool = True) -> dict:
     """This process's ``torch.mm`` rate at ``config``'s prefill shapes: ``{"gflops", "seconds", "rows"}``.
 
     Each round multiplies a ``[rows, in]`` chunk by every shape once (one
     warm-up round first); rounds repeat until ``seconds`` have passed. The
     rate is the FLOPs of the timed rounds over their time. On cuda the
-    device is synchronised around each round.
+    device is synchronised around each round. With ``onednn`` (cpu, float32,
+    where torch has oneDNN) the same rounds against prepacked weights give
+    ``"onednn_gflops"`` too.
     """
     if rows < 1 or seconds <= 0:
         raise ValueError(f"rows must be >= 1 and seconds > 0, got {rows}, {seconds}")
@@ -124,6 +129,26 @@ def calibrate_gemm(config: ModelConfig, *, rows: int = 2048, seconds: float = 1.
             torch.mm(x, w.t())                                                           # [rows, out]
         sync()
 
+    rounds, elapsed = _timed_rounds(one_round, seconds)
+    result = {"gflops": rounds * round_flops / elapsed / 1e9, "seconds": elapsed, "rows": rows, "rounds": rounds}
+    if onednn and device == "cpu" and tdtype == torch.float32:
+        from backends.cpu.linear import ONEDNN_PACK_ROWS, onednn_available
+
+        if onednn_available():
+            mk = torch.ops.mkldnn
+            packed = [(x, mk._reorder_linear_weight(w, ONEDNN_PACK_ROWS)) for x, w in pairs]
+
+            def onednn_round() -> None:
+                for x, wp in packed:
+                    mk._linear_pointwise(x, wp, None, "none", [], "")                    # [rows, out]
+
+            rounds, elapsed = _timed_rounds(onednn_round, seconds)
+            result["onednn_gflops"] = rounds * round_flops / elapsed / 1e9
+    return result
+
+
+def _timed_rounds(one_round, seconds: float) -> tuple[int, float]:
+    """One warm-up call, then calls until ``seconds`` have passed: ``(calls, seconds taken)``."""
     one_round()
     rounds, t0 = 0, time.perf_counter()
     while True:
@@ -131,8 +156,7 @@ def calibrate_gemm(config: ModelConfig, *, rows: int = 2048, seconds: float = 1.
         rounds += 1
         elapsed = time.perf_counter() - t0
         if elapsed >= seconds:
-            break
-    return {"gflops": rounds * round_flops / elapsed / 1e9, "seconds": elapsed, "rows": rows, "rounds": rounds}
+            return rounds, elapsed
 
 
 def ceiling_report(flops: dict, gemm: dict, elapsed_s: float) -> dict:
@@ -160,7 +184,9 @@ def format_ceiling(c: dict) -> str:
         f"{c['flops_per_decode_token'] / 1e6:.1f} MFLOP per decoded token); attention "
         f"{_flop(c['attention_flops'])} apart",
         f"  GEMM calibration: torch.mm at the prefill shapes ({c['gemm_calibration']['rows']} rows) "
-        f"{c['gemm_gflops']:.1f} GFLOP/s over {c['gemm_calibration']['seconds']:.1f} s",
+        f"{c['gemm_gflops']:.1f} GFLOP/s over {c['gemm_calibration']['seconds']:.1f} s"
+        + (f" (oneDNN, prepacked weights: {c['gemm_calibration']['onednn_gflops']:.1f} GFLOP/s)"
+           if "onednn_gflops" in c["gemm_calibration"] else ""),
         f"  ceiling: the matmuls alone need {c['ideal_matmul_s']:.3g} s; the run reached "
         f"{c['achieved_matmul_gflops']:.1f} GFLOP/s = {c['ceiling_fraction']:.1%} of the machine's ceiling",
     ])

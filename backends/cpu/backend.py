@@ -8,7 +8,9 @@ default on machines without a GPU. One ``execute`` call:
    rows change only where a request gained a block or joined) and builds the
    int64 step tensors and the attention metadata from it, once for all layers;
 3. runs the model under ``torch.inference_mode`` (logits only for the rows
-   that sample);
+   that sample); in float32, products of more than ``NATIVE_MAX_ROWS`` rows
+   run against weights prepacked for oneDNN at load (``backends.cpu.linear``,
+   off with ``PAGEDGEN_CPU_ONEDNN=0``), fewer rows in the native GEMM;
 4. samples the requests with ``needs_sample``.
 """
 
@@ -19,9 +21,11 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from backends.cpu.attention import CPUAttention
+from backends.cpu.linear import (  # noqa: F401  (re-exported: tests and callers import them from here)
+    CONTIGUOUS_MIN_ROWS, LINEAR_ROW_BLOCK, NATIVE_MAX_ROWS, OneDNNLinear, cpu_linear, onednn_available,
+    onednn_enabled, projections)
 from backends.input_batch import InputBatch
 from backends.cpu.native import decode_ops
 from backends.sampler import Sampler
@@ -41,20 +45,8 @@ def available_cores() -> int:
 
 # What dtype="auto" means on a CPU (and for the tensor-parallel ranks, which run this backend's model).
 DEFAULT_DTYPE = "float32"
-# Weights with more output rows than this (the LM head) are multiplied in row
-# blocks of this size, each transposed into the output while still in cache.
-LINEAR_ROW_BLOCK = 2048
 # Without native bfloat16, products of this many rows or more run in float32.
 BF16_UPCAST_MIN_ROWS = 4
-# Products of this many rows or more (prefill chunks) use F.linear: its
-# contiguous [T, out] output makes the following residual adds, RoPE and
-# SwiGLU ~25% cheaper per prefill step than reading the transposed view.
-CONTIGUOUS_MIN_ROWS = 256
-# float32 products of at most this many rows (decode steps) run in the native
-# small-batch GEMM (backends/cpu/native/decode_ops.c) where it was built: it
-# streams the weight once at close to the memory bandwidth (MKL: ~60% of it at
-# 1-2 rows) into a contiguous output; beyond, MKL's blocking wins.
-NATIVE_MAX_ROWS = 8
 
 
 def _take_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -72,45 +64,6 @@ def has_native_bf16() -> bool:
     return any(probe is not None and probe() for probe in probes)
 
 
-def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-               upcast_min_rows: int | None = None) -> torch.Tensor:
-    """``F.linear(x, w, bias)``, for few rows as the view ``(w @ x.T).T`` ``[T, out]``.
-
-    On CPU, MKL runs skinny GEMMs (few tokens, a large weight) in this
-    orientation 1.3-3x faster than ``F.linear``'s; from ``CONTIGUOUS_MIN_ROWS``
-    rows on, plain ``F.linear`` is as fast and its output contiguous; a single row is padded to
-    two because the GEMV path streams the weight slower than a 2-row GEMM.
-    Wide weights (the LM head) are done in row blocks into a contiguous
-    output: transposing a whole ``[vocab, T]`` product afterwards costs as
-    much as the GEMM. With ``upcast_min_rows``, bfloat16 products of at least
-    that many rows run in float32 (CPUs without native bfloat16 emulate it
-    several times slower than converting the weight on the fly). float32
-    products of up to ``NATIVE_MAX_ROWS`` rows use the native GEMM when it is available.
-    """
-    if x.shape[0] <= NATIVE_MAX_ROWS and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1 \
-            and w.is_contiguous() and (bias is None or bias.is_contiguous()):
-        ops = decode_ops()
-        if ops is not None:
-            return ops.linear(x, w, bias)                                              # [T, out]
-    if upcast_min_rows is not None and x.dtype == torch.bfloat16 and x.shape[0] >= upcast_min_rows:
-        b = None if bias is None else bias.float()
-        return cpu_linear(x.float(), w.float(), b).to(torch.bfloat16)                  # [T, out]
-    if x.shape[0] == 1:
-        return cpu_linear(torch.cat((x, x)), w, bias)[:1]                              # [1, out]
-    if x.shape[0] >= CONTIGUOUS_MIN_ROWS:
-        return F.linear(x, w, bias)                                                    # [T, out]
-    if w.shape[0] > 2 * LINEAR_ROW_BLOCK:
-        out = x.new_empty((x.shape[0], w.shape[0]))                                    # [T, out]
-        for start in range(0, w.shape[0], LINEAR_ROW_BLOCK):
-            end = start + LINEAR_ROW_BLOCK
-            b = None if bias is None else bias[start:end]
-            out[:, start:end] = cpu_linear(x, w[start:end], b, upcast_min_rows)        # [T, block]
-        return out
-    if bias is None:
-        return torch.mm(w, x.t()).t()                                                  # [T, out]
-    return torch.addmm(bias[:, None], w, x.t()).t()                                    # [T, out]
-
-
 class CPUBackend(Backend):
     """``Backend`` on any CPU (see ``backends/base.py`` for the life cycle)."""
 
@@ -124,6 +77,7 @@ class CPUBackend(Backend):
         seed: int = 0,
         num_threads: int | None = None,
         eos_token_ids: tuple[int, ...] = (),
+        onednn: bool | None = None,
     ) -> None:
         self._torch_dtype = torch_dtype(dtype)
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
@@ -137,13 +91,33 @@ class CPUBackend(Backend):
         linear = cpu_linear
         if self._torch_dtype == torch.bfloat16 and not has_native_bf16():
             linear = partial(cpu_linear, upcast_min_rows=BF16_UPCAST_MIN_ROWS)
-        self.model = LlamaModel(model_config, weights, self.attention, self._torch_dtype, linear=linear,
+        self.onednn = self._onednn_linear(onednn)
+        self.model = LlamaModel(model_config, weights, self.attention, self._torch_dtype,
+                                linear=linear if self.onednn is None else self.onednn,
                                 ops=decode_ops() if self._torch_dtype == torch.float32 else None)
+        if self.onednn is not None:
+            self.onednn.pack(projections(self.model.weights))     # once; the plain weights stay for <= 8 rows
         self.sampler = Sampler(eos_token_ids or model_config.eos_token_ids, seed=seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.num_blocks = 0
         self.input_batch: InputBatch | None = None        # made with the KV cache (it needs the block size)
+
+    def _onednn_linear(self, requested: bool | None) -> OneDNNLinear | None:
+        """The prepacked oneDNN linear where it applies (float32, oneDNN present, not switched off), else None.
+
+        ``requested``: True insists (a clear error where it cannot be had),
+        False declines, None follows ``PAGEDGEN_CPU_ONEDNN``.
+        """
+        if requested is False or (requested is None and not onednn_enabled()):
+            return None
+        if self._torch_dtype != torch.float32 or not onednn_available():
+            if requested:
+                raise ValueError("onednn=True needs dtype float32 and a torch with oneDNN on this CPU "
+                                 f"(dtype {self.dtype}, oneDNN available: {onednn_available()}); "
+                                 "pass onednn=None or False")
+            return None
+        return OneDNNLinear(cpu_linear)
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes one KV block costs across all layers (K and V)."""
@@ -196,6 +170,8 @@ class CPUBackend(Backend):
         """Release the KV cache and the weights."""
         self.kv_caches = []
         self.model = None
+        if self.onednn is not None:
+            self.onednn.clear()
         self.sampler.clear()
 
 

@@ -1,0 +1,168 @@
+"""The cpu backend's GEMM helpers: ``cpu_linear`` and the oneDNN prepacked ``OneDNNLinear``.
+
+Every projection of the torch model (``backends.torch_model.model``) goes
+through one of these, with ``F.linear``'s signature (``x [T, in]``,
+``w [out, in]``, optional bias -> ``[T, out]``):
+
+- ``cpu_linear`` picks, per call, the fastest way torch/MKL (or the native
+  small-batch GEMM) has for the shape: the native GEMM up to
+  ``NATIVE_MAX_ROWS`` rows, the transposed-view orientation for skinny
+  products, ``F.linear`` for long ones.
+- ``OneDNNLinear`` runs products of more than ``NATIVE_MAX_ROWS`` rows
+  against weights reordered once, at load, into oneDNN's blocked layout
+  (``torch.ops.mkldnn``). On this machine kind (AMD, AVX2) MKL is weak at
+  batch-64 decode shapes and at the wide LM head, and each call would
+  otherwise re-pack the weight; the output is contiguous. Few rows stay on
+  ``cpu_linear`` (the native GEMM streams plain weights faster), so the plain
+  float32 weights are kept: the packed copies cost as much memory again
+  (``OneDNNLinear.packed_bytes``). float32 only (oneDNN's bfloat16 needs
+  AVX512-BF16 / AVX-NE-CONVERT, which this path does not require).
+
+``PAGEDGEN_CPU_ONEDNN=0`` (read by ``onednn_enabled``) keeps ``cpu_linear``
+for everything.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from backends.cpu.native import decode_ops
+from common import envs
+
+if TYPE_CHECKING:
+    from backends.torch_model.weights import ModelWeights
+
+# Weights with more output rows than this (the LM head) are multiplied in row
+# blocks of this size, each transposed into the output while still in cache.
+LINEAR_ROW_BLOCK = 2048
+# Products of this many rows or more (prefill chunks) use F.linear: its
+# contiguous [T, out] output makes the following residual adds, RoPE and
+# SwiGLU ~25% cheaper per prefill step than reading the transposed view.
+CONTIGUOUS_MIN_ROWS = 256
+# float32 products of at most this many rows (decode steps) run in the native
+# small-batch GEMM (backends/cpu/native/decode_ops.c) where it was built: it
+# streams the weight once at close to the memory bandwidth (MKL: ~60% of it at
+# 1-2 rows) into a contiguous output; beyond, MKL's blocking wins.
+NATIVE_MAX_ROWS = 8
+# The batch size oneDNN is told to expect when it picks the weights' blocked
+# layout; any row count runs against it. Measured here at 64 and 2048 rows
+# on the model's shapes, 2048 was as fast or faster at both.
+ONEDNN_PACK_ROWS = 2048
+# The variable that turns OneDNNLinear off (common.envs).
+ONEDNN_SWITCH = "PAGEDGEN_CPU_ONEDNN"
+
+Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+               upcast_min_rows: int | None = None) -> torch.Tensor:
+    """``F.linear(x, w, bias)``, for few rows as the view ``(w @ x.T).T`` ``[T, out]``.
+
+    On CPU, MKL runs skinny GEMMs (few tokens, a large weight) in this
+    orientation 1.3-3x faster than ``F.linear``'s; from ``CONTIGUOUS_MIN_ROWS``
+    rows on, plain ``F.linear`` is as fast and its output contiguous; a single row is padded to
+    two because the GEMV path streams the weight slower than a 2-row GEMM.
+    Wide weights (the LM head) are done in row blocks into a contiguous
+    output: transposing a whole ``[vocab, T]`` product afterwards costs as
+    much as the GEMM. With ``upcast_min_rows``, bfloat16 products of at least
+    that many rows run in float32 (CPUs without native bfloat16 emulate it
+    several times slower than converting the weight on the fly). float32
+    products of up to ``NATIVE_MAX_ROWS`` rows use the native GEMM when it is available.
+    """
+    if x.shape[0] <= NATIVE_MAX_ROWS and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1 \
+            and w.is_contiguous() and (bias is None or bias.is_contiguous()):
+        ops = decode_ops()
+        if ops is not None:
+            return ops.linear(x, w, bias)                                              # [T, out]
+    if upcast_min_rows is not None and x.dtype == torch.bfloat16 and x.shape[0] >= upcast_min_rows:
+        b = None if bias is None else bias.float()
+        return cpu_linear(x.float(), w.float(), b).to(torch.bfloat16)                  # [T, out]
+    if x.shape[0] == 1:
+        return cpu_linear(torch.cat((x, x)), w, bias)[:1]                              # [1, out]
+    if x.shape[0] >= CONTIGUOUS_MIN_ROWS:
+        return F.linear(x, w, bias)                                                    # [T, out]
+    if w.shape[0] > 2 * LINEAR_ROW_BLOCK:
+        out = x.new_empty((x.shape[0], w.shape[0]))                                    # [T, out]
+        for start in range(0, w.shape[0], LINEAR_ROW_BLOCK):
+            end = start + LINEAR_ROW_BLOCK
+            b = None if bias is None else bias[start:end]
+            out[:, start:end] = cpu_linear(x, w[start:end], b, upcast_min_rows)        # [T, block]
+        return out
+    if bias is None:
+        return torch.mm(w, x.t()).t()                                                  # [T, out]
+    return torch.addmm(bias[:, None], w, x.t()).t()                                    # [T, out]
+
+
+# The LayerWeights fields the model multiplies through its linear (2-D; experts are 3-D and stay plain).
+PROJECTIONS = ("qkv", "o_proj", "gate_up", "down", "router", "shared_gate_up", "shared_down", "shared_gate")
+
+
+def projections(weights: "ModelWeights") -> list[torch.Tensor]:
+    """Every projection weight of ``weights`` the model passes to its linear, the LM head last."""
+    out = [getattr(layer, name) for layer in weights.layers for name in PROJECTIONS]
+    return [w for w in out if w is not None] + [weights.lm_head]
+
+
+def onednn_enabled() -> bool:
+    """``PAGEDGEN_CPU_ONEDNN`` (default on; ``common.envs``)."""
+    return envs.get_bool(ONEDNN_SWITCH)
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN on this CPU and the prepacked linear ops it exposes."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise"))
+
+
+class OneDNNLinear:
+    """``cpu_linear`` with the products of more than ``min_rows`` rows against prepacked weights.
+
+    ``pack(weights)`` reorders each float32 2-D CPU weight once (those given
+    twice, a tied LM head, once); a call with a packed weight and more than
+    ``min_rows`` float32 rows runs ``torch.ops.mkldnn._linear_pointwise``
+    (contiguous ``[T, out]``); every other call, and a weight not packed (a
+    slice, a quantized or bfloat16 weight), goes to ``fallback``. Weights are
+    looked up by identity: the model passes the very tensors it was built with.
+    """
+
+    def __init__(self, fallback: Linear = cpu_linear, min_rows: int = NATIVE_MAX_ROWS,
+                 pack_rows: int = ONEDNN_PACK_ROWS) -> None:
+        if not onednn_available():
+            raise RuntimeError("this torch build has no oneDNN linear ops (torch.ops.mkldnn) on this CPU")
+        if min_rows < 0 or pack_rows < 1:
+            raise ValueError(f"min_rows must be >= 0 and pack_rows >= 1, got {min_rows}, {pack_rows}")
+        self.fallback = fallback
+        self.min_rows = min_rows
+        self.pack_rows = pack_rows
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(w) -> (w, packed w)
+        self.packed_bytes = 0
+
+    def pack(self, weights: Iterable[torch.Tensor | None]) -> int:
+        """Reorder every packable weight of ``weights`` (others are skipped); returns how many were packed."""
+        count = 0
+        for w in weights:
+            if (not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype != torch.float32 or not w.is_cpu
+                    or id(w) in self._packed):
+                continue
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), self.pack_rows)  # opaque, [out, in]
+            self._packed[id(w)] = (w, packed)
+            self.packed_bytes += w.numel() * w.element_size()
+            count += 1
+        return count
+
+    def clear(self) -> None:
+        """Drop the packed copies."""
+        self._packed.clear()
+        self.packed_bytes = 0
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] > self.min_rows and x.dtype == torch.float32 and \
+                (bias is None or bias.dtype == torch.float32):
+            entry = self._packed.get(id(w))
+            if entry is not None and entry[0] is w:
+                return torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")   # [T, out]
+        return self.fallback(x, w, bias)
