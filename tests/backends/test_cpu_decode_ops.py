@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,16 +9,9 @@ import torch.nn.functional as F
 from backends.cpu import native
 from backends.cpu.backend import NATIVE_MAX_ROWS, cpu_linear
 from backends.torch_model.rope import apply_rope, rope_cos_sin
+from tests.backends.native_kernels import ops, needs_cc  # noqa: F401  (ops: a fixture)
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                reason="no C compiler: the cpu backend uses its torch path")
-
-
-@pytest.fixture(scope="module")
-def ops():
-    o = native.decode_ops()
-    assert o is not None, "a C compiler is on PATH but decode_ops.c did not build (see the log)"
-    return o
+pytestmark = needs_cc
 
 
 def randn(*shape, seed=0):

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from backends.cpu import native
 from backends.cpu.attention import paged_attention_ref
+from tests.backends.native_kernels import kernel, needs_cc  # noqa: F401  (kernel: a fixture)
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                reason="no C compiler: the cpu backend uses its torch path")
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    k = native.decode_attention()
-    assert k is not None, "a C compiler is on PATH but the kernel did not build (see the log)"
-    return k
+pytestmark = needs_cc
 
 
 def random_batch(lens, num_heads, num_kv_heads, head_dim, block_size, seed=0):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,16 +9,9 @@ import torch.nn.functional as F
 from backends.cpu import native
 from backends.cpu.attention import paged_attention_ref, write_kv_cache_ref
 from model.config import LayerAttention
+from tests.backends.native_kernels import kernel, needs_cc  # noqa: F401  (kernel: a fixture)
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                reason="no C compiler: the cpu backend uses its torch path")
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    k = native.decode_attention()
-    assert k is not None, "a C compiler is on PATH but the kernels did not build (see the log)"
-    return k
+pytestmark = needs_cc
 
 
 def decode_batch(lens, heads, kv_heads, d, bs, seed=0):
