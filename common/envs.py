@@ -12,7 +12,7 @@ variable                    default                meaning
 ``PAGEDGEN_API_KEY``        (none)                 ``pagedgen serve``'s API key when ``--api-key`` is not given
 ``PAGEDGEN_API_KEY_FILE``   (none)                 a file holding that key (a mounted Secret); not with the above
 ``PAGEDGEN_CPU_KERNELS``    ``1``                  build/use the native cpu kernels: decode attention, small-batch GEMM, fused decode ops (0: torch only)
-``PAGEDGEN_CPU_ONEDNN``     ``1``                  cpu float32 products of more than 8 rows against oneDNN-prepacked weights (0: one weight copy less)
+``PAGEDGEN_CPU_ONEDNN``     ``0``                  1: cpu float32 products of more than 8 rows against oneDNN-prepacked weights (more memory)
 ==========================  =====================  ===========================================
 """
 
@@ -32,7 +32,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PAGEDGEN_API_KEY": ("", "API key the server requires (gRPC and HTTP) when --api-key is not given"),
     "PAGEDGEN_API_KEY_FILE": ("", "file whose content (surrounding whitespace stripped) is that API key"),
     "PAGEDGEN_CPU_KERNELS": ("1", "build and use the native cpu kernels: decode attention, small-batch GEMM and fused decode ops (0: pure torch)"),
-    "PAGEDGEN_CPU_ONEDNN": ("1", "run the cpu backend's float32 products of more than 8 rows against oneDNN-prepacked weights (0: cpu_linear only; saves one float32 copy of the weights)"),
+    "PAGEDGEN_CPU_ONEDNN": ("0", "1: run the cpu backend's float32 products of more than 8 rows against oneDNN-prepacked weights (a second float32 copy of the weights, and oneDNN caches a kernel per row count: memory grows with the step shapes seen)"),
 }
 
 
