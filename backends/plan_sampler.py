@@ -52,10 +52,14 @@ class PlanSampler(ABC, Generic[ArrayT, StreamT]):
 
     def run(self, logits: ArrayT, rows: Sequence[SamplingRow]) -> tuple[list[int], list[Logprobs | None]]:
         """Token ids and logprobs (None where not asked) of ``rows`` from their ``logits`` ``[N, V]``."""
+        return self.execute(logits, self.plan(logits, rows))
+
+    def plan(self, logits: ArrayT, rows: Sequence[SamplingRow]) -> SamplingPlan:
+        """The ``SamplingPlan`` of ``rows`` for their ``logits`` ``[N, V]`` (checked to be that shape)."""
         shape = tuple(logits.shape)
         if len(shape) != 2 or shape[0] != len(rows):
             raise ValueError(f"logits must be [N, V] with N = {len(rows)} rows, got {shape}")
-        return self.execute(logits, SamplingPlan.from_rows(rows, self.eos_token_ids, shape[1]))
+        return SamplingPlan.from_rows(rows, self.eos_token_ids, shape[1])
 
     def execute(self, logits: ArrayT, plan: SamplingPlan) -> tuple[list[int], list[Logprobs | None]]:
         """Run ``plan``'s stages on ``logits`` ``[N, V]``, in order."""

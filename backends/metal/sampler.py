@@ -180,10 +180,7 @@ class MetalSampler(PlanSampler[mx.array, mx.array]):
 
     def start(self, logits: mx.array, rows: Sequence[SamplingRow]) -> LazySample:
         """``run`` without the wait: the plan of ``rows`` built and its stages appended to ``logits``' graph."""
-        shape = tuple(logits.shape)
-        if len(shape) != 2 or shape[0] != len(rows):
-            raise ValueError(f"logits must be [N, V] with N = {len(rows)} rows, got {shape}")
-        return self.build(logits, SamplingPlan.from_rows(rows, self.eos_token_ids, shape[1]))
+        return self.build(logits, self.plan(logits, rows))
 
     def build(self, logits: mx.array, plan: SamplingPlan) -> LazySample:
         """``plan``'s stages appended to the graph of ``logits`` ``[N, V]``: nothing is evaluated (but top-p's
