@@ -57,21 +57,18 @@ def test_priority_under_fcfs_is_refused_naming_the_flag(fcfs, offline):
 
 
 def test_late_high_priority_request_overtakes_a_full_queue(tiny_model_dir):
-    order: list[str] = []
-    lock = threading.Lock()
+    first: dict[str, int] = {}        # request -> when the engine produced its first token (server clock)
     with serving(tiny_model_dir, ServerOptions(port=0, openai_port=0), scheduling_policy="priority",
                  max_num_seqs=1) as srv:
         with grpc.insecure_channel(srv.address) as channel:
             stub = pb_grpc.GenerateStub(channel)
 
             def run(rid: str, priority: int, max_tokens: int) -> None:
-                req = pb.GenerateRequest(request_id=rid, prompt=f"{rid} says", priority=priority,
+                req = pb.GenerateRequest(request_id=rid, prompt=f"{rid} says", priority=priority, return_timing=True,
                                          sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-                for msg in stub.Generate(req):
+                for msg in stub.Generate(req):                 # the engine's clock, not when a client thread woke up
                     if msg.token_ids:
-                        with lock:
-                            if rid not in order:
-                                order.append(rid)          # the order requests got their first token
+                        first.setdefault(rid, msg.engine_time_unix_nanos)
 
             threads = [threading.Thread(target=run, args=("head", 5, 200))]
             threads[0].start()
@@ -92,7 +89,7 @@ def test_late_high_priority_request_overtakes_a_full_queue(tiny_model_dir):
                 time.sleep(0.005)
             for t in threads:
                 t.join(timeout=60)
-        assert order == ["head", "urgent", "low0", "low1", "low2", "low3"]
+        assert sorted(first, key=first.get) == ["head", "urgent", "low0", "low1", "low2", "low3"]
 
 
 # -- prompt truncation ----------------------------------------------------------------
