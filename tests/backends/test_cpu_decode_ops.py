@@ -28,6 +28,19 @@ def test_linear_matches_torch(ops, rows, out_features, in_features):
     torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
+def test_weight_prefetch_changes_speed_not_results(ops):
+    x, w = randn(5, 576), randn(1000, 576, seed=1)
+    choice = ops.choose_weight_prefetch(mib=4, tries=1)
+    assert set(choice) == {"prefetch", "off_gbps", "on_gbps"} and choice["off_gbps"] > 0 and choice["on_gbps"] > 0
+    try:
+        ops.set_weight_prefetch(False)
+        off = ops.linear(x, w)
+        ops.set_weight_prefetch(True)
+        assert torch.equal(ops.linear(x, w), off)
+    finally:
+        ops.set_weight_prefetch(bool(choice["prefetch"]))
+
+
 def test_linear_reads_strided_rows_and_any_thread_count(ops):
     base = randn(3, 700)
     x = base[:, 50:626]                                      # rows of 576 floats, 700 apart

@@ -8,8 +8,12 @@
  * rows times MR token rows accumulates in registers), splits the output
  * columns over the threads in contiguous ranges, and within a range takes
  * the tile's NR rows from NR equal parts of it (NR sequential streams far
- * apart, prefetched ahead: ~1.8x the bandwidth of NR adjacent rows on one
- * core). The elementwise operators (RMSNorm
+ * apart: ~1.8x the bandwidth of NR adjacent rows on one core, measured on an
+ * AVX2 EPYC). Whether software prefetches (non-temporal, 1 KiB ahead) run
+ * ahead of the streams is set per process (pagedgen_set_weight_prefetch):
+ * they helped there, but cut the bandwidth of an AVX-512 Xeon from ~30 to
+ * ~10 GB/s, so the library's loader measures both here (ops.py) and keeps
+ * the faster; the results are the same either way. The elementwise operators (RMSNorm
  * with the residual add, rotary embedding, SwiGLU) replace several torch ops
  * each, whose per-op overhead dominates at a few rows; attn_in and mlp_block
  * chain them for a whole decoder layer in two calls from Python (one with
@@ -35,10 +39,19 @@ static inline float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[
 
 #define PREFETCH_FLOATS 256   /* how far ahead (1 KiB) of each weight row the loads run */
 
+static int weight_prefetch = 0;   /* 1: prefetch each weight stream ahead (pagedgen_set_weight_prefetch) */
+
+/* Switch the weight-stream prefetches on (1) or off (0) for later calls; returns the previous setting. */
+int pagedgen_set_weight_prefetch(int32_t on) {
+    const int previous = weight_prefetch;
+    weight_prefetch = on != 0;
+    return previous;
+}
+
 /* out[m, n0 + j * rs] = x[m] . w[n0 + j * rs] (+ bias) for m < MR, j < NR: NR weight rows rs rows apart. */
 static inline __attribute__((always_inline)) void gemm_tile(const float *x, size_t ldx, const float *w, size_t K,
                                                             const float *bias, float *out, size_t ldo, int MR, int NR,
-                                                            size_t rs) {
+                                                            size_t rs, int prefetch) {
     v8f acc[4][4];
     for (int m = 0; m < MR; m++)
         for (int j = 0; j < NR; j++) acc[m][j] = (v8f){0};
@@ -46,7 +59,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const float *x, size
     for (size_t k = 0; k < k8; k += 8) {
         v8f wv[4];
         for (int j = 0; j < NR; j++) {
-            __builtin_prefetch(w + j * ws + k + PREFETCH_FLOATS, 0, 0);
+            if (prefetch) __builtin_prefetch(w + j * ws + k + PREFETCH_FLOATS, 0, 0);
             wv[j] = load8(w + j * ws + k);
         }
         for (int m = 0; m < MR; m++) {
@@ -62,7 +75,8 @@ static inline __attribute__((always_inline)) void gemm_tile(const float *x, size
         }
 }
 
-#define TILE(MR, NR, RS) gemm_tile(x + m * ldx, ldx, w + n * K, K, bias ? bias + n : NULL, out + m * N + n, N, MR, NR, RS)
+#define TILE(MR, NR, RS) gemm_tile(x + m * ldx, ldx, w + n * K, K, bias ? bias + n : NULL, out + m * N + n, N, MR, NR, \
+                                   RS, prefetch)
 
 /* Columns [n_begin, n_end) of out for all M rows. The range is cut into NR equal parts, and a tile takes
  * one weight row of each (rows q apart): NR sequential streams far apart in memory, which the memory
@@ -70,6 +84,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const float *x, size
  * 10-13 -> 18-21 GB/s on one core). Each tile is used for every row block of x. */
 static void gemm_columns(const float *x, size_t ldx, const float *w, const float *bias, float *out, int M, int N,
                          size_t K, int n_begin, int n_end) {
+    const int prefetch = weight_prefetch;
     const int nr = M <= 2 ? 4 : 2;                 /* MR * NR accumulators <= 8 registers */
     const int q = (n_end - n_begin) / nr;
     for (int i = 0; i < q; i++) {

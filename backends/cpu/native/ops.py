@@ -16,6 +16,7 @@ microseconds, a tenth of a layer's arithmetic.
 from __future__ import annotations
 
 import ctypes
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,8 +62,35 @@ class DecodeOps:
         self._attn_in.argtypes = [_ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr] + [_i32] * 7
         self._mlp_block = library.pagedgen_mlp_block_f32
         self._mlp_block.argtypes = [_ptr, _ptr, _ptr, _ptr, _f32] + [_ptr] * 8 + [_i32] * 5
-        for fn in (self._linear, self._norm, self._rope, self._silu_mul, self._attn_in, self._mlp_block):
+        self._set_prefetch = library.pagedgen_set_weight_prefetch
+        self._set_prefetch.argtypes = [_i32]
+        for fn in (self._linear, self._norm, self._rope, self._silu_mul, self._attn_in, self._mlp_block,
+                   self._set_prefetch):
             fn.restype = ctypes.c_int
+
+    def choose_weight_prefetch(self, mib: int = 48, tries: int = 3) -> dict[str, float | bool]:
+        """Time one-row products over a ``mib`` MiB weight with the GEMM's weight prefetches off and on,
+        and keep them on only where that is clearly (10%) faster: they help some memory systems and cost
+        others two thirds of the bandwidth (decode_ops.c). Either way the results are the same.
+        Returns the decision and both read rates (GB/s, the best of ``tries``)."""
+        hidden = 576
+        w = torch.ones(mib * 2**20 // (4 * hidden), hidden)              # written: every page is backed
+        x = torch.ones(1, hidden)
+        best = {0: float("inf"), 1: float("inf")}
+        for _ in range(tries + 1):                                       # the first round warms up
+            for on in (0, 1):
+                self._set_prefetch(on)
+                t0 = time.perf_counter()
+                self.linear(x, w)
+                best[on] = min(best[on], time.perf_counter() - t0)
+        prefetch = best[1] < 0.9 * best[0]
+        self._set_prefetch(int(prefetch))
+        gb = w.numel() * 4 / 1e9
+        return {"prefetch": prefetch, "off_gbps": round(gb / best[0], 1), "on_gbps": round(gb / best[1], 1)}
+
+    def set_weight_prefetch(self, on: bool) -> None:
+        """Switch the GEMM's weight prefetches on or off for later calls (``choose_weight_prefetch`` measures)."""
+        self._set_prefetch(int(on))
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                num_threads: int | None = None) -> torch.Tensor:
