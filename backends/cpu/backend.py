@@ -20,6 +20,7 @@ import os
 from functools import partial
 
 import numpy as np
+import structlog
 import torch
 
 from backends.cpu.attention import CPUAttention
@@ -34,6 +35,8 @@ from backends.torch_model.weights import torch_dtype
 from model.config import ModelConfig
 from backends.base import Backend, BackendOptions, LogitRows, blocks_for_memory, kv_block_bytes, run_step
 from scheduler.output import SchedulerOutput, StepResult
+
+log = structlog.get_logger(__name__)
 
 
 def available_cores() -> int:
@@ -97,6 +100,10 @@ class CPUBackend(Backend):
                                 ops=decode_ops() if self._torch_dtype == torch.float32 else None)
         if self.onednn is not None:
             self.onednn.pack(projections(self.model.weights))     # once; the plain weights stay for <= 8 rows
+        if self.model.ops is not None:
+            choice = self.model.ops.choose_weight_prefetch(projections(self.model.weights))
+            if choice is not None:                                # measured on this model's weights
+                log.info("cpu_gemm_prefetch", **choice)
         self.sampler = Sampler(eos_token_ids or model_config.eos_token_ids, seed=seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0

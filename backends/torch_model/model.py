@@ -17,12 +17,14 @@ Logits are computed only for the rows in ``logits_indices`` (the last token
 of each request that samples), in float32, soft-capped where the family says.
 Every projection goes through ``self.linear`` (the device's GEMM helper).
 
-A device may also hand the model ``FusedOps`` for steps of few tokens
-(decode, float32): then the residual add and the next RMSNorm are one call
-(a layer returns its MLP output unadded, the next layer's input norm adds
-it), RoPE rotates the QKV projection's output in place and SwiGLU is one
-call; at a few rows torch's per-op dispatch costs more than the arithmetic.
-Ops that also offer ``attn_in`` / ``mlp_block`` run a layer in two calls
+A device may also hand the model ``FusedOps`` (float32): then the residual
+add and the next RMSNorm are one call (a layer returns its MLP output
+unadded, the next layer's input norm adds it), RoPE rotates the QKV
+projection's output in place and SwiGLU is one call, at any number of
+tokens: at a few rows torch's per-op dispatch costs more than the
+arithmetic, at a prefill chunk its separate passes over memory do. On steps
+of at most ``ops.max_rows`` tokens (decode),
+ops that also offer ``attn_in`` / ``mlp_block`` run a layer in two calls
 (norm, QKV, RoPE; o_proj through the MLP) into buffers reused step after
 step, where the layer is plain enough (``_plan``); other layers keep the
 per-op path. Ops with ``decode_layers`` run a plain layer in ONE call
@@ -78,7 +80,8 @@ Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Ten
 
 
 class FusedOps(Protocol):
-    """Fused float32 operators for steps of at most ``max_rows`` tokens (``backends.cpu.native.ops.DecodeOps``).
+    """Fused float32 operators (``backends.cpu.native.ops.DecodeOps``); the layer-sized ones (``attn_in``,
+    ``mlp_block``, ``decode_layers``: GEMMs inside) for steps of at most ``max_rows`` tokens.
 
     Inputs are contiguous (``rope_``'s ``qkv``: contiguous rows); each computes
     what its torch expression in the model computes, summation order aside.
@@ -128,7 +131,8 @@ class LlamaModel:
     has the signature of ``F.linear`` (``x [T, in]``, ``w [out, in]``,
     optional bias) and may return a non-contiguous ``[T, out]`` view; devices
     pass their fastest GEMM orientation (and a quantized one may slot in).
-    ``ops`` (float32 only) are used for steps of at most ``ops.max_rows`` tokens.
+    ``ops`` (float32 only): the elementwise ones on every step, the layer-sized ones on steps of at most
+    ``ops.max_rows`` tokens.
     """
 
     def __init__(
@@ -216,9 +220,10 @@ class LlamaModel:
         x = self.embedding(input_ids, self.weights.embed)                      # [T, hidden]
         if self.embed_scale is not None:
             x = x * self.embed_scale                                           # [T, hidden]
-        ops = self.ops if self.ops is not None and input_ids.shape[0] <= self.ops.max_rows else None
+        ops = self.ops
         delta = None                                                           # fused: the last MLP output, unadded
-        plan = self._plan() if ops is not None and hasattr(ops, "attn_in") else None
+        plan = self._plan() if ops is not None and hasattr(ops, "attn_in") and input_ids.shape[0] <= ops.max_rows \
+            else None
         one_call = self._one_call_step(attn_metadata, input_ids.shape[0]) if plan is not None else None
         for i, layer in enumerate(self.weights.layers):
             cos, sin = rope[self.rope_index[i]]

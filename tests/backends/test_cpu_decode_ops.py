@@ -30,7 +30,9 @@ def test_linear_matches_torch(ops, rows, out_features, in_features):
 
 def test_weight_prefetch_changes_speed_not_results(ops):
     x, w = randn(5, 576), randn(1000, 576, seed=1)
-    choice = ops.choose_weight_prefetch(mib=4, tries=1)
+    weights = [randn(1000, 576, seed=s) for s in range(4)] + [randn(576, 1536, seed=9)]
+    assert ops.choose_weight_prefetch(weights) is None                       # 12 MB: too small to say
+    choice = ops.choose_weight_prefetch(weights, passes=1, min_bytes=0)
     assert set(choice) == {"prefetch", "off_gbps", "on_gbps"} and choice["off_gbps"] > 0 and choice["on_gbps"] > 0
     try:
         ops.set_weight_prefetch(False)
@@ -71,12 +73,14 @@ def test_add_rms_norm_matches_torch(ops, rows, n):
     torch.testing.assert_close(normed, F.rms_norm(x, (n,), weight, 1e-6), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (128, 128), (64, 32), (20, 12)])
-def test_rope_matches_apply_rope(ops, head_dim, rotary_dim):
-    tokens, heads, kv_heads = 4, 6, 2
+@pytest.mark.parametrize("head_dim,rotary_dim,tokens", [(64, 64, 4), (128, 128, 4), (64, 32, 4), (20, 12, 4),
+                                                         (64, 64, 300)])              # 300: the threaded path
+def test_rope_matches_apply_rope(ops, head_dim, rotary_dim, tokens):
+    heads, kv_heads = 6, 2
     qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
-    cos, sin = rope_cos_sin(inv_freq, torch.tensor([0, 1, 77, 4000]), torch.float32)       # [T, 1, R/2]
+    positions = torch.tensor([0, 1, 77, 4000] * (tokens // 4))
+    cos, sin = rope_cos_sin(inv_freq, positions, torch.float32)                            # [T, 1, R/2]
     qk = qkv[:, : (heads + kv_heads) * head_dim].reshape(tokens, heads + kv_heads, head_dim)
     expected = apply_rope(qk, cos, sin)
     v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
@@ -86,10 +90,22 @@ def test_rope_matches_apply_rope(ops, head_dim, rotary_dim):
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)                  # V is not rotated
 
 
-def test_silu_mul_matches_torch(ops):
-    gate_up = randn(3, 2 * 1536) * 6                                                       # saturating gates too
+@pytest.mark.parametrize("rows", [3, 300])                                            # 300: the threaded path
+def test_silu_mul_matches_torch(ops, rows):
+    gate_up = randn(rows, 2 * 1540) * 6                    # saturating gates too; 1540: a tail past the vectors
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+def test_silu_mul_is_exact_to_a_few_ulp_over_the_whole_range(ops):
+    gate = torch.cat((torch.linspace(-150, 150, 300_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 87.4, -87.4,
+                                                                         88.8, -88.8, float("inf")])))
+    got = ops.silu_mul(torch.cat((gate, torch.ones_like(gate)))[None])[0].double()
+    want = F.silu(gate.double())
+    assert not got.isnan().any() and got[-1] == float("inf")
+    got, want = got[:-1], want[:-1]
+    # float32 eps is 1.2e-7; below ~1e-35 (gates under -85) float32 itself rounds silu to 0, as torch's does
+    assert ((got - want).abs() <= 4e-7 * want.abs() + 1e-35).all()
 
 
 def test_bad_inputs_are_refused(ops):
@@ -152,9 +168,12 @@ def test_decode_steps_with_fused_ops_equal_the_torch_model(ops, architecture):
     prompts = [random_tokens(n, config.vocab_size, seed=n) for n in (19, 5, 33)]
     seqs = {name: [PagedSequence(f"r{i}", list(p), list(range(3 * i, 3 * i + 3)), 16) for i, p in enumerate(prompts)]
             for name in ("fused", "plain")}
-    for name, b in (("fused", fused), ("plain", plain)):
-        b.compute_logits(step([s.chunk(len(s.token_ids) - 1) for s in seqs[name]], 16))
-    assert not counting.calls                                             # prefill chunks: more than max_rows rows
+    got, want = (b.compute_logits(step([s.chunk(len(s.token_ids) - 1) for s in seqs[name]], 16))
+                 for name, b in (("fused", fused), ("plain", plain)))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert "add_rms_norm" in counting.calls                                # prefill: the elementwise ops only
+    assert not {"attn_in", "mlp_block"} & set(counting.calls)            # (more than max_rows rows)
+    counting.calls.clear()
     for _ in range(3):
         got = fused.compute_logits(step([s.chunk(1) for s in seqs["fused"]], 16))          # [3, V]
         want = plain.compute_logits(step([s.chunk(1) for s in seqs["plain"]], 16))         # [3, V]

@@ -120,7 +120,7 @@ def test_closing_a_stream_or_a_passed_deadline_frees_its_blocks(process_engine):
         await wait_for(lambda: all_blocks_free(process_engine))
         last = None
         async for last in process_engine.generate("late", prompt_token_ids=PROMPTS[0], sampling_params=greedy(10_000),
-                                                  deadline=time.time() + 0.3):
+                                                  deadline=time.time() + 0.05):
             pass
         await wait_for(lambda: all_blocks_free(process_engine))
         return last

@@ -207,8 +207,4 @@ def decode_ops() -> "DecodeOps | None":
     from backends.cpu.native.ops import DecodeOps
 
     library = _library()
-    if library is None:
-        return None
-    ops = DecodeOps(library)
-    log.info("cpu_gemm_prefetch", **ops.choose_weight_prefetch())
-    return ops
+    return None if library is None else DecodeOps(library)

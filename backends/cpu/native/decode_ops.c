@@ -164,6 +164,7 @@ int pagedgen_add_rms_norm_f32(const float *x, const float *delta, const float *w
 int pagedgen_rope_f32(float *x, int64_t ldx, const float *cos_, const float *sin_, int32_t M, int32_t num_heads,
                       int32_t head_dim, int32_t half) {
     if (M < 1 || 2 * half > head_dim || ldx < (int64_t)num_heads * head_dim) return -1;
+#pragma omp parallel for if ((int64_t)M * num_heads * head_dim >= (1 << 16))
     for (int32_t m = 0; m < M; m++) {
         const float *c = cos_ + (size_t)m * half, *s = sin_ + (size_t)m * half;
         for (int32_t h = 0; h < num_heads; h++) {
@@ -184,6 +185,47 @@ int pagedgen_rope_f32(float *x, int64_t ldx, const float *cos_, const float *sin
     return 0;
 }
 
+/* exp of 8 floats, within 2 ulp of expf: e^x = 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two
+ * parts, so r is exact), e^r by its degree-6 minimax polynomial on |r| <= ln 2 / 2 (Cephes' coefficients), 2^n
+ * put into the exponent bits. x is clamped to [-87.3, 88.7]: e^x stays a finite normal float (>= 1.2e-38), where
+ * expf would give 0 below or inf above; silu's x / (1 + e^-x) takes the same value to float precision either way. */
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* Lanes of a where mask (all ones), else b (C has no ?: on vectors). */
+static inline v8f select8(v8i mask, v8f a, v8f b) {
+    v8i ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    const v8i r = (ai & mask) | (bi & ~mask);
+    v8f out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+static inline v8f exp8(v8f x) {
+    const v8f hi = {88.7f, 88.7f, 88.7f, 88.7f, 88.7f, 88.7f, 88.7f, 88.7f};
+    const v8f lo = {-87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f};
+    x = select8(x > hi, hi, x);
+    x = select8(x < lo, lo, x);
+    const v8f t = x * 1.44269504088896341f;                       /* x / ln 2 */
+    v8i n = __builtin_convertvector(t, v8i);                      /* toward zero, then to nearest: */
+    const v8f nf0 = __builtin_convertvector(n, v8f);
+    n += (v8i)(t - nf0 > 0.5f) & 1;
+    n -= (v8i)(t - nf0 < -0.5f) & 1;
+    const v8f nf = __builtin_convertvector(n, v8f);
+    const v8f r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;  /* x - n ln 2, ln 2 = 0.693359375 - 2.12e-4 */
+    v8f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;                                     /* e^r */
+    const v8i scale = (n + 127) << 23;                            /* 2^n, n in [-126, 128) */
+    v8f two_n;
+    memcpy(&two_n, &scale, sizeof two_n);
+    return p * two_n;
+}
+
 /* gate_up [M, 2 * n] (gate columns, then up) -> out [M, n] = silu(gate) * up. */
 int pagedgen_silu_mul_f32(const float *gate_up, float *out, int32_t M, int32_t n) {
     if (M < 1 || n < 1) return -1;
@@ -191,7 +233,12 @@ int pagedgen_silu_mul_f32(const float *gate_up, float *out, int32_t M, int32_t n
     for (int32_t m = 0; m < M; m++) {
         const float *g = gate_up + (size_t)m * 2 * n, *u = g + n;
         float *o = out + (size_t)m * n;
-        for (int32_t i = 0; i < n; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        int32_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const v8f gv = load8(g + i);
+            store8(o + i, gv / (1.0f + exp8(-gv)) * load8(u + i));
+        }
+        for (; i < n; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
     return 0;
 }

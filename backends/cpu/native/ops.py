@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -68,25 +68,33 @@ class DecodeOps:
                    self._set_prefetch):
             fn.restype = ctypes.c_int
 
-    def choose_weight_prefetch(self, mib: int = 48, tries: int = 3) -> dict[str, float | bool]:
-        """Time one-row products over a ``mib`` MiB weight with the GEMM's weight prefetches off and on,
-        and keep them on only where that is clearly (10%) faster: they help some memory systems and cost
-        others two thirds of the bandwidth (decode_ops.c). Either way the results are the same.
-        Returns the decision and both read rates (GB/s, the best of ``tries``)."""
-        hidden = 576
-        w = torch.ones(mib * 2**20 // (4 * hidden), hidden)              # written: every page is backed
-        x = torch.ones(1, hidden)
-        best = {0: float("inf"), 1: float("inf")}
-        for _ in range(tries + 1):                                       # the first round warms up
-            for on in (0, 1):
-                self._set_prefetch(on)
-                t0 = time.perf_counter()
-                self.linear(x, w)
-                best[on] = min(best[on], time.perf_counter() - t0)
-        prefetch = best[1] < 0.9 * best[0]
+    def choose_weight_prefetch(self, weights: Sequence[torch.Tensor], passes: int = 3,
+                               min_bytes: int = 64 << 20) -> dict[str, float | bool] | None:
+        """Time one-row products over ``weights`` (a model's projections, in the order a decode step reads
+        them) with the GEMM's weight prefetches off and on, alternating ``passes`` times, and keep them on
+        only where that is clearly (10%) faster: they help some memory systems and cost others two thirds
+        of the read rate (decode_ops.c); the results are the same either way. Weights of fewer than
+        ``min_bytes`` in all (a cache-resident toy model) say nothing about streaming: None, left as is.
+        Returns the decision and both read rates (GB/s, the median pass)."""
+        weights = [w for w in weights if w.dim() == 2 and w.dtype == torch.float32 and w.is_contiguous()]
+        total = sum(w.numel() * 4 for w in weights)
+        if total < min_bytes:
+            return None
+        xs = {w.shape[1]: torch.ones(1, w.shape[1]) for w in weights}
+        times: dict[int, list[float]] = {0: [], 1: []}
+        for i in range(2 * passes + 1):                                  # pass 0 warms up (off)
+            on = i % 2 if i else 0
+            self._set_prefetch(on)
+            t0 = time.perf_counter()
+            for w in weights:
+                self.linear(xs[w.shape[1]], w)
+            if i:
+                times[on].append(time.perf_counter() - t0)
+        off_s, on_s = (sorted(times[k])[len(times[k]) // 2] for k in (0, 1))
+        prefetch = on_s < 0.9 * off_s
         self._set_prefetch(int(prefetch))
-        gb = w.numel() * 4 / 1e9
-        return {"prefetch": prefetch, "off_gbps": round(gb / best[0], 1), "on_gbps": round(gb / best[1], 1)}
+        return {"prefetch": prefetch, "off_gbps": round(total / off_s / 1e9, 1),
+                "on_gbps": round(total / on_s / 1e9, 1)}
 
     def set_weight_prefetch(self, on: bool) -> None:
         """Switch the GEMM's weight prefetches on or off for later calls (``choose_weight_prefetch`` measures)."""
