@@ -25,8 +25,8 @@ import torch
 
 from backends.cpu.attention import CPUAttention
 from backends.cpu.linear import (  # noqa: F401  (re-exported: tests and callers import them from here)
-    CONTIGUOUS_MIN_ROWS, LINEAR_ROW_BLOCK, NATIVE_MAX_ROWS, OneDNNLinear, cpu_linear, onednn_available,
-    onednn_enabled, projections)
+    CONTIGUOUS_MIN_ROWS, LINEAR_ROW_BLOCK, NATIVE_MAX_ROWS, PROJECTIONS, OneDNNLinear, choose_contiguous_min_rows,
+    cpu_linear, onednn_available, onednn_enabled, projections)
 from backends.input_batch import InputBatch
 from backends.cpu.native import decode_ops
 from backends.sampler import Sampler
@@ -37,6 +37,9 @@ from backends.base import Backend, BackendOptions, LogitRows, blocks_for_memory,
 from scheduler.output import SchedulerOutput, StepResult
 
 log = structlog.get_logger(__name__)
+
+# Models whose projections hold fewer bytes than this skip the start-up GEMM measurements (they sit in cache).
+TUNE_MIN_BYTES = 64 << 20
 
 
 def available_cores() -> int:
@@ -100,15 +103,29 @@ class CPUBackend(Backend):
                                 ops=decode_ops() if self._torch_dtype == torch.float32 else None)
         if self.onednn is not None:
             self.onednn.pack(projections(self.model.weights))     # once; the plain weights stay for <= 8 rows
-        if self.model.ops is not None:
-            choice = self.model.ops.choose_weight_prefetch(projections(self.model.weights))
-            if choice is not None:                                # measured on this model's weights
-                log.info("cpu_gemm_prefetch", **choice)
+        self._tune_for_this_machine()
         self.sampler = Sampler(eos_token_ids or model_config.eos_token_ids, seed=seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.num_blocks = 0
         self.input_batch: InputBatch | None = None        # made with the KV cache (it needs the block size)
+
+    def _tune_for_this_machine(self) -> None:
+        """Measure, on this model's own weights, the two GEMM choices that depend on the CPU and its memory
+        system: whether the native GEMM prefetches the weights, and from how many rows ``cpu_linear``
+        uses ``F.linear`` (float32, models of 64 MiB or more: a toy model's weights sit in cache and say
+        nothing). Either choice changes speed only, never a result. ~0.3 s for the default model."""
+        weights = projections(self.model.weights)
+        if self._torch_dtype != torch.float32 or sum(w.numel() * w.element_size() for w in weights) < TUNE_MIN_BYTES:
+            return
+        if self.model.ops is not None:
+            log.info("cpu_gemm_prefetch", **self.model.ops.choose_weight_prefetch(weights, min_bytes=0))
+        if self.onednn is None:
+            first = self.model.weights.layers[0]
+            rows, rates = choose_contiguous_min_rows([w for w in (getattr(first, name, None) for name in PROJECTIONS)
+                                                      if isinstance(w, torch.Tensor)])
+            log.info("cpu_linear_orientation", contiguous_min_rows=rows, **rates)
+            self.model.linear = partial(cpu_linear, contiguous_min_rows=rows)
 
     def _onednn_linear(self, requested: bool | None) -> OneDNNLinear | None:
         """The prepacked oneDNN linear where it applies (float32, oneDNN present, not switched off), else None.

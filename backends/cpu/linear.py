@@ -7,7 +7,9 @@ through one of these, with ``F.linear``'s signature (``x [T, in]``,
 - ``cpu_linear`` picks, per call, the fastest way torch/MKL (or the native
   small-batch GEMM) has for the shape: the native GEMM up to
   ``NATIVE_MAX_ROWS`` rows, the transposed-view orientation for skinny
-  products, ``F.linear`` for long ones.
+  products, ``F.linear`` for long ones. Where "long" starts depends on the
+  CPU (MKL takes other paths on other vendors): ``choose_contiguous_min_rows``
+  measures it on a model's own weights when the cpu backend starts.
 - ``OneDNNLinear`` runs products of more than ``NATIVE_MAX_ROWS`` rows
   against weights reordered once, at load, into oneDNN's blocked layout
   (``torch.ops.mkldnn``). On this machine kind (AMD, AVX2) MKL is weak at
@@ -28,7 +30,8 @@ second half); it gains ~4% on the batch-64 benchmark here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+import time
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +48,11 @@ LINEAR_ROW_BLOCK = 2048
 # Products of this many rows or more (prefill chunks) use F.linear: its
 # contiguous [T, out] output makes the following residual adds, RoPE and
 # SwiGLU ~25% cheaper per prefill step than reading the transposed view.
+# The default, measured on an AVX2 EPYC; choose_contiguous_min_rows may lower
+# it for a machine (an AVX-512 Xeon: batch-64 decode steps 155 -> 144 ms).
 CONTIGUOUS_MIN_ROWS = 256
+# The lower thresholds choose_contiguous_min_rows tries, in order.
+CONTIGUOUS_CANDIDATE_ROWS = (32, 64, 128)
 # float32 products of at most this many rows (decode steps) run in the native
 # small-batch GEMM (backends/cpu/native/decode_ops.c) where it was built: it
 # streams the weight once at close to the memory bandwidth (MKL: ~60% of it at
@@ -62,12 +69,13 @@ Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Ten
 
 
 def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-               upcast_min_rows: int | None = None) -> torch.Tensor:
+               upcast_min_rows: int | None = None, contiguous_min_rows: int = CONTIGUOUS_MIN_ROWS) -> torch.Tensor:
     """``F.linear(x, w, bias)``, for few rows as the view ``(w @ x.T).T`` ``[T, out]``.
 
     On CPU, MKL runs skinny GEMMs (few tokens, a large weight) in this
     orientation 1.3-3x faster than ``F.linear``'s; from ``CONTIGUOUS_MIN_ROWS``
-    rows on, plain ``F.linear`` is as fast and its output contiguous; a single row is padded to
+    rows on (``contiguous_min_rows``), plain ``F.linear`` is as fast and its output contiguous; a single
+    row is padded to
     two because the GEMV path streams the weight slower than a 2-row GEMM.
     Wide weights (the LM head) are done in row blocks into a contiguous
     output: transposing a whole ``[vocab, T]`` product afterwards costs as
@@ -83,21 +91,52 @@ def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
             return ops.linear(x, w, bias)                                              # [T, out]
     if upcast_min_rows is not None and x.dtype == torch.bfloat16 and x.shape[0] >= upcast_min_rows:
         b = None if bias is None else bias.float()
-        return cpu_linear(x.float(), w.float(), b).to(torch.bfloat16)                  # [T, out]
+        return cpu_linear(x.float(), w.float(), b, None, contiguous_min_rows).to(torch.bfloat16)  # [T, out]
     if x.shape[0] == 1:
         return cpu_linear(torch.cat((x, x)), w, bias)[:1]                              # [1, out]
-    if x.shape[0] >= CONTIGUOUS_MIN_ROWS:
+    if x.shape[0] >= contiguous_min_rows:
         return F.linear(x, w, bias)                                                    # [T, out]
     if w.shape[0] > 2 * LINEAR_ROW_BLOCK:
         out = x.new_empty((x.shape[0], w.shape[0]))                                    # [T, out]
         for start in range(0, w.shape[0], LINEAR_ROW_BLOCK):
             end = start + LINEAR_ROW_BLOCK
             b = None if bias is None else bias[start:end]
-            out[:, start:end] = cpu_linear(x, w[start:end], b, upcast_min_rows)        # [T, block]
+            out[:, start:end] = cpu_linear(x, w[start:end], b, upcast_min_rows, contiguous_min_rows)  # [T, block]
         return out
     if bias is None:
         return torch.mm(w, x.t()).t()                                                  # [T, out]
     return torch.addmm(bias[:, None], w, x.t()).t()                                    # [T, out]
+
+
+def choose_contiguous_min_rows(weights: Sequence[torch.Tensor], passes: int = 3) -> tuple[int, dict[str, float]]:
+    """From how many rows ``cpu_linear`` should use ``F.linear`` on this machine, measured on ``weights``
+    (float32 ``[out, in]``: one decoder layer's projections is enough).
+
+    For each of ``CONTIGUOUS_CANDIDATE_ROWS`` in turn, times the products both ways, alternating
+    ``passes`` times: ``F.linear`` against the transposed view plus the copy that makes it contiguous
+    (what the layer's next ops pay to read it). The first row count where ``F.linear`` reaches 90% of
+    the view's rate wins: the copy alone understates what the view costs the rest of the layer. None
+    wins: ``CONTIGUOUS_MIN_ROWS``. Returns the threshold and the measured rates (GFLOP/s).
+    """
+    weights = [w for w in weights if w.dim() == 2 and w.dtype == torch.float32 and w.is_contiguous()]
+    rates: dict[str, float] = {}
+    for rows in CONTIGUOUS_CANDIDATE_ROWS:
+        xs = {w.shape[1]: torch.ones(rows, w.shape[1]) for w in weights}
+        flop = sum(2 * rows * w.shape[0] * w.shape[1] for w in weights)
+        times: dict[str, list[float]] = {"linear": [], "view": []}
+        for i in range(2 * passes + 2):                                   # the first two warm up
+            way = "linear" if i % 2 == 0 else "view"
+            t0 = time.perf_counter()
+            for w in weights:
+                x = xs[w.shape[1]]
+                F.linear(x, w) if way == "linear" else torch.mm(w, x.t()).t().contiguous()
+            if i >= 2:
+                times[way].append(time.perf_counter() - t0)
+        for way, ts in times.items():
+            rates[f"{way}_{rows}_gflops"] = round(flop / sorted(ts)[len(ts) // 2] / 1e9, 1)
+        if rates[f"linear_{rows}_gflops"] >= 0.9 * rates[f"view_{rows}_gflops"]:
+            return rows, rates
+    return CONTIGUOUS_MIN_ROWS, rates
 
 
 # The LayerWeights fields the model multiplies through its linear (2-D; experts are 3-D and stay plain).

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.cpu.backend import CPUBackend, cpu_linear
+from backends.cpu.backend import CONTIGUOUS_MIN_ROWS, LINEAR_ROW_BLOCK, CPUBackend, cpu_linear
 from backends.torch_model.rope import compute_inv_freq
 from model.config import ModelConfig
 from engine.sampling_params import SamplingParams
@@ -194,6 +194,28 @@ def test_cpu_linear_equals_f_linear(rows, out_features, with_bias):
     out = cpu_linear(x, w, bias)
     assert out.shape == (rows, out_features)
     torch.testing.assert_close(out, F.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [17, 64, 300])
+def test_cpu_linear_threshold_moves_the_orientation_not_the_result(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 32, generator=g), torch.randn(9000, 32, generator=g)       # 9000: row blocks too
+    low, default = cpu_linear(x, w, contiguous_min_rows=9), cpu_linear(x, w)
+    assert low.is_contiguous()                                       # F.linear from 9 rows on
+    assert default.is_contiguous() == (rows >= CONTIGUOUS_MIN_ROWS or w.shape[0] > 2 * LINEAR_ROW_BLOCK)
+    torch.testing.assert_close(low, default, atol=1e-5, rtol=1e-5)
+
+
+def test_choose_contiguous_min_rows_picks_a_candidate_or_the_default():
+    from backends.cpu.linear import CONTIGUOUS_CANDIDATE_ROWS, choose_contiguous_min_rows
+
+    weights = [torch.randn(960, 576), torch.randn(576, 1536)]
+    rows, rates = choose_contiguous_min_rows(weights, passes=1)
+    assert rows in CONTIGUOUS_CANDIDATE_ROWS + (CONTIGUOUS_MIN_ROWS,)
+    tried = CONTIGUOUS_CANDIDATE_ROWS[: CONTIGUOUS_CANDIDATE_ROWS.index(rows) + 1] \
+        if rows in CONTIGUOUS_CANDIDATE_ROWS else CONTIGUOUS_CANDIDATE_ROWS
+    assert set(rates) == {f"{way}_{r}_gflops" for r in tried for way in ("linear", "view")}
+    assert all(v > 0 for v in rates.values())
 
 
 def test_cpu_linear_bfloat16_upcast():
