@@ -104,7 +104,8 @@ class CPUBackend(Backend):
         if self.onednn is not None:
             self.onednn.pack(projections(self.model.weights))     # once; the plain weights stay for <= 8 rows
         self._tune_for_this_machine()
-        self.sampler = Sampler(eos_token_ids or model_config.eos_token_ids, seed=seed)
+        self.sampler = Sampler(eos_token_ids or model_config.eos_token_ids, seed=seed,
+                               argmax=None if decode_ops() is None else decode_ops().argmax)  # logits: float32
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.num_blocks = 0

@@ -108,6 +108,41 @@ def test_silu_mul_is_exact_to_a_few_ulp_over_the_whole_range(ops):
     assert ((got - want).abs() <= 4e-7 * want.abs() + 1e-35).all()
 
 
+@pytest.mark.parametrize("rows,vocab", [(1, 49152), (64, 4099), (3, 5), (2, 8), (1, 1)])
+def test_argmax_matches_torch(ops, rows, vocab):
+    logits = randn(rows, vocab)
+    assert torch.equal(ops.argmax(logits), logits.argmax(-1))
+    wide = randn(rows, vocab + 7)[:, :vocab]                                   # rows of a wider buffer
+    assert torch.equal(ops.argmax(wide), wide.argmax(-1))
+
+
+def test_argmax_ties_infinities_and_nans_answer_as_torch_does(ops):
+    logits = randn(7, 100)
+    logits[0] = -float("inf")                                                  # all -inf: the first
+    logits[1] = 1.0                                                            # all equal: the first
+    logits[2, [17, 60, 99]] = 50.0                                             # a tie: the lowest id
+    logits[3, 99] = float("inf")                                               # in the tail past the vectors
+    logits[4, [50, 70]] = float("nan")                                         # NaN wins, the first one
+    logits[5, 98] = float("nan")
+    logits[6, 3] = float("nan")
+    assert torch.equal(ops.argmax(logits), logits.argmax(-1))
+
+
+def test_the_cpu_backend_samples_greedy_rows_with_the_native_argmax(ops):
+    from backends.cpu.backend import CPUBackend
+    from engine.sampling_params import SamplingParams
+    from tests.backends import tiny_model
+    from tests.backends.test_sampler import rows
+
+    _, config, weights = tiny_model("llama", seed=4)
+    sampler = CPUBackend(config, weights).sampler
+    assert sampler._fast_argmax == ops.argmax
+    logits = randn(3, config.vocab_size)
+    logits[1, 7] = logits[1, 9] = 99.0                                       # a tie: the lowest id
+    token_ids, _ = sampler.sample_rows(logits, rows(*[SamplingParams(temperature=0.0)] * 3))
+    assert token_ids == logits.argmax(-1).tolist()
+
+
 def test_bad_inputs_are_refused(ops):
     x, w = randn(2, 64), randn(10, 64)
     with pytest.raises(ValueError, match="float32"):

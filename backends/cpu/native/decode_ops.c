@@ -243,6 +243,54 @@ int pagedgen_silu_mul_f32(const float *gate_up, float *out, int32_t M, int32_t n
     return 0;
 }
 
+/* out[m] = the index of the largest of the n floats at x + m * ldx, the first one on ties and the first NaN
+ * where there is one (torch.argmax's answers), for M rows, threaded over rows for a large product. */
+int pagedgen_argmax_f32(const float *x, int64_t ldx, int32_t M, int32_t n, int64_t *out) {
+    if (M < 1 || n < 1 || ldx < n) return -1;
+#pragma omp parallel for if ((int64_t)M * n >= (1 << 18))
+    for (int32_t m = 0; m < M; m++) {
+        const float *r = x + (size_t)m * ldx;
+        const int32_t n8 = n & ~7;
+        float top = r[0];
+        int64_t index = 0;
+        int any_nan = 0;
+        if (n8) {                                  /* per lane: its best value and where it was first seen */
+            v8f best = load8(r);
+            v8i at = {0, 1, 2, 3, 4, 5, 6, 7}, nan = best != best;
+            for (int32_t i = 8; i < n8; i += 8) {
+                const v8f v = load8(r + i);
+                const v8i greater = v > best;      /* strict: a lane keeps its first maximum (NaN never wins) */
+                best = select8(greater, v, best);
+                at = (greater & (i + (v8i){0, 1, 2, 3, 4, 5, 6, 7})) | (~greater & at);
+                nan |= v != v;
+            }
+            top = best[0];
+            index = at[0];
+            for (int j = 1; j < 8; j++)
+                if (best[j] > top || (best[j] == top && at[j] < index)) {
+                    top = best[j];
+                    index = at[j];
+                }
+            for (int j = 0; j < 8; j++) any_nan |= nan[j] != 0;
+        }
+        for (int32_t i = n8; i < n; i++) {
+            if (r[i] > top) {
+                top = r[i];
+                index = i;
+            }
+            any_nan |= r[i] != r[i];
+        }
+        if (any_nan)                               /* torch: NaN is the largest; the first one */
+            for (int32_t i = 0; i < n; i++)
+                if (r[i] != r[i]) {
+                    index = i;
+                    break;
+                }
+        out[m] = index;
+    }
+    return 0;
+}
+
 /* The attention input of a decoder layer in one call, M rows: sum = x + delta (no delta: x, sum not written;
  * sum may alias x), h = rms_norm(sum) * norm_w, qkv [M, n_qkv] = h @ w_qkv.T (+ bias), then the first
  * rope_heads heads of head_dim floats of each qkv row rotated by cos / sin [M, half]. */

@@ -62,10 +62,12 @@ class DecodeOps:
         self._attn_in.argtypes = [_ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr] + [_i32] * 7
         self._mlp_block = library.pagedgen_mlp_block_f32
         self._mlp_block.argtypes = [_ptr, _ptr, _ptr, _ptr, _f32] + [_ptr] * 8 + [_i32] * 5
+        self._argmax = library.pagedgen_argmax_f32
+        self._argmax.argtypes = [_ptr, _i64, _i32, _i32, _ptr]
         self._set_prefetch = library.pagedgen_set_weight_prefetch
         self._set_prefetch.argtypes = [_i32]
         for fn in (self._linear, self._norm, self._rope, self._silu_mul, self._attn_in, self._mlp_block,
-                   self._set_prefetch):
+                   self._argmax, self._set_prefetch):
             fn.restype = ctypes.c_int
 
     def choose_weight_prefetch(self, weights: Sequence[torch.Tensor], passes: int = 3,
@@ -164,6 +166,17 @@ class DecodeOps:
         out = gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))                # [M, n]
         if gate_up.shape[0]:
             self._silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], out.shape[1])
+        return out
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits.argmax(-1)`` of ``[M, V]`` (contiguous rows) as int64 ``[M]``: the first maximum of each
+        row, the first NaN where there is one, as torch answers; threaded over rows (a batch's logits)."""
+        _check("logits", logits, rows_strided=True)
+        out = torch.empty(logits.shape[0], dtype=torch.int64)                              # [M]
+        if logits.shape[0] and logits.shape[1]:
+            self._argmax(logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1], out.data_ptr())
+        elif logits.shape[0]:
+            raise ValueError("argmax of rows with no elements")
         return out
 
     def attn_in(self, x: torch.Tensor, delta: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
