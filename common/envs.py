@@ -4,16 +4,17 @@ Every variable is prefixed ``PAGEDGEN_`` and read at call time (never cached
 at import), so tests can ``monkeypatch.setenv`` freely. Other modules call
 these functions instead of touching ``os.environ``.
 
-==========================  =====================  ===========================================
-variable                    default                meaning
-==========================  =====================  ===========================================
-``PAGEDGEN_CACHE_DIR``      ``~/.cache/pagedgen``  where converted models (GGUF -> float32) live
-``PAGEDGEN_LOG_LEVEL``      ``INFO``               DEBUG, INFO, WARNING, ERROR or CRITICAL
-``PAGEDGEN_API_KEY``        (none)                 ``pagedgen serve``'s API key when ``--api-key`` is not given
-``PAGEDGEN_API_KEY_FILE``   (none)                 a file holding that key (a mounted Secret); not with the above
-``PAGEDGEN_CPU_KERNELS``    ``1``                  build/use the native cpu kernels: decode attention, small-batch GEMM, fused decode ops (0: torch only)
-``PAGEDGEN_CPU_ONEDNN``     ``0``                  1: cpu float32 products of more than 8 rows against oneDNN-prepacked weights (more memory)
-==========================  =====================  ===========================================
+============================  =====================  ===========================================
+variable                      default                meaning
+============================  =====================  ===========================================
+``PAGEDGEN_CACHE_DIR``        ``~/.cache/pagedgen``  where converted models (GGUF -> float32) live
+``PAGEDGEN_LOG_LEVEL``        ``INFO``               DEBUG, INFO, WARNING, ERROR or CRITICAL
+``PAGEDGEN_API_KEY``          (none)                 ``pagedgen serve``'s API key when ``--api-key`` is not given
+``PAGEDGEN_API_KEY_FILE``     (none)                 a file holding that key (a mounted Secret); not with the above
+``PAGEDGEN_CPU_KERNELS``      ``1``                  build/use the native cpu kernels: decode attention, small-batch GEMM, fused decode ops (0: torch only)
+``PAGEDGEN_CPU_KERNELS_DIR``  (cache dir/kernels)    where a prebuilt portable kernel library is looked for when there is no C compiler
+``PAGEDGEN_CPU_ONEDNN``       ``0``                  1: cpu float32 products of more than 8 rows against oneDNN-prepacked weights (more memory)
+============================  =====================  ===========================================
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PAGEDGEN_API_KEY": ("", "API key the server requires (gRPC and HTTP) when --api-key is not given"),
     "PAGEDGEN_API_KEY_FILE": ("", "file whose content (surrounding whitespace stripped) is that API key"),
     "PAGEDGEN_CPU_KERNELS": ("1", "build and use the native cpu kernels: decode attention, small-batch GEMM and fused decode ops (0: pure torch)"),
+    "PAGEDGEN_CPU_KERNELS_DIR": ("", "directory of prebuilt portable cpu kernel libraries (backends.cpu.native.build_portable), used when there is no C compiler; empty: $PAGEDGEN_CACHE_DIR/kernels"),
     "PAGEDGEN_CPU_ONEDNN": ("0", "1: run the cpu backend's float32 products of more than 8 rows against oneDNN-prepacked weights (a second float32 copy of the weights, and oneDNN caches a kernel per row count: memory grows with the step shapes seen)"),
 }
 

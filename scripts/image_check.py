@@ -3,8 +3,10 @@
 Starts `pagedgen serve` inside the image through its entrypoint (``buildah run
 --isolation chroot``: host network), checks it from outside with the real
 client and `pagedgen health`, compares a greedy streamed Generate with the same
-request against `.venv/bin/pagedgen serve` outside the image, puts 16
-concurrent streams on it, stops it with SIGTERM during a stream, and prints the
+request against `.venv/bin/pagedgen serve` outside the image (whose native
+kernels this machine's compiler builds for its own CPU), checks from the
+server's log that the image runs the native cpu kernels from its prebuilt
+library (it has no compiler), puts 16 concurrent streams on it, stops it with SIGTERM during a stream, and prints the
 figures: image size, build time, start to SERVING, RSS idle and under load.
 Any failed check exits non-zero with what differed.
 """
@@ -157,9 +159,27 @@ def load(client: Client, runner_pid: int, streams: int = 16, max_tokens: int = 9
     return {"peak_rss": peak, "seconds": seconds, "tok_s": streams * max_tokens / seconds}
 
 
+def prebuilt_kernels(log_path: Path) -> str:
+    """The prebuilt kernel library the server in the image loaded, from its log; fails where the log says
+    the kernels were unavailable or built (a compiler in the image) or says nothing of them."""
+    lines = log_path.read_text(errors="replace").splitlines()
+    for line in lines:
+        if "cpu_kernel_unavailable" in line or "cpu_kernel_built" in line:
+            fail(f"the image did not run its prebuilt native kernels: {line.strip()[:600]}")
+    for line in lines:
+        if "cpu_kernel_prebuilt_loaded" in line:
+            try:
+                event = json.loads(line[line.index("{"):])
+                return f"{event['path']} ({event['target']})"
+            except (ValueError, KeyError):
+                return line.strip()[:300]
+    fail("the server's log has no cpu_kernel_prebuilt_loaded: the image runs the torch path, not the native kernels")
+    raise AssertionError
+
+
 def outside_greedy(port: int) -> tuple[list[int], str, float]:
     """The same greedy request against `.venv/bin/pagedgen serve` outside the image."""
-    env = {**os.environ, "PAGEDGEN_CPU_KERNELS": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("PAGEDGEN_API_KEY", None)
     env.pop("PAGEDGEN_API_KEY_FILE", None)
     proc = subprocess.Popen([PAGEDGEN, "serve", "--port", str(port), *SERVE_FLAGS], env=env,
@@ -252,6 +272,9 @@ def main() -> int:
             if greedy(over_socket) != (ids_in, text_in):
                 fail("the Unix socket streamed something else than TCP")
             passed.append("greedy stream over the Unix socket = over TCP")
+            kernels = prebuilt_kernels(args.work / "serve-in.log")
+            passed.append("the native cpu kernels run in the image, from its prebuilt library")
+            print(f"image-test: native cpu kernels in the image: {kernels}", flush=True)
             ids_out, text_out, out_start_s = outside_greedy(port_out)
             if ids_in != ids_out:
                 fail(f"greedy output differs: image {text_in!r} vs outside {text_out!r}")

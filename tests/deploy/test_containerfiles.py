@@ -5,8 +5,9 @@ finding at any level; every rule the recipes break on purpose carries an
 inline ``# hadolint ignore=`` with its reason on the line above. The rest
 reads the recipes as a reviewer would: a base image that users can pull, a
 non-root numeric user, the ports, SIGTERM, the entrypoint, no key in the
-image, and torch installed before any of pagedgen's code is copied in.
-(`make image-test` builds and runs the CPU one.)
+image, and torch installed before any of pagedgen's code is copied in; the
+CPU image carries the native kernels prebuilt by a stage of its own, not the
+compiler. (`make image-test` builds and runs the CPU one.)
 """
 
 from __future__ import annotations
@@ -42,6 +43,30 @@ def _instructions(name: str) -> list[tuple[str, str]]:
             keyword, _, rest = line.partition(" ")
             out.append((keyword.upper(), rest.strip()))
     return out
+
+
+def _stages(steps: list[tuple[str, str]]) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """Stage name (the last one: "") -> (what it is FROM, its steps)."""
+    stages: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    current: list[tuple[str, str]] = []
+    for keyword, args in steps:
+        if keyword == "FROM":
+            words = args.split()
+            current = []
+            stages[words[2] if len(words) == 3 and words[1].upper() == "AS" else ""] = (words[0], current)
+        elif stages:
+            current.append((keyword, args))
+    return stages
+
+
+def _final_chain(steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The steps of the last stage and of the stages it is built FROM, in order: what the image holds."""
+    stages, chain, name = _stages(steps), [], ""
+    while name in stages:
+        parent, own = stages[name]
+        chain[:0] = own
+        name = parent
+    return chain
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -81,7 +106,7 @@ def test_recipe_promises(name, base, backend):
     steps = _instructions(name)
     keywords = [k for k, _ in steps]
     assert steps[0] == ("ARG", steps[0][1]) and steps[0][1].startswith(f"BASE={base}")
-    assert ("FROM", "${BASE}") in steps
+    assert next(args for k, args in steps if k == "FROM").split()[0] == "${BASE}"
     user = next(args for k, args in steps if k == "USER")
     assert re.fullmatch(r"[1-9]\d*:[1-9]\d*", user)            # numeric, so runAsNonRoot can check it
     assert next(args for k, args in steps if k == "STOPSIGNAL") == "SIGTERM"
@@ -102,7 +127,27 @@ def test_recipe_promises(name, base, backend):
     convert = next(i for i, args in runs if "load_model()" in args)
     assert torch_step < first_copy < code_copy < convert < keywords.index("USER")
     # Only the pyproject files come in before the code: a code change leaves torch's and the deps' layers.
-    assert all(args.split()[0].endswith("pyproject.toml") for k, args in steps[:code_copy] if k == "COPY")
+    # (Another stage's COPY is not among the image's layers.)
+    image = _final_chain(steps)
+    code_copy = image.index(("COPY", next(args for k, args in steps if k == "COPY" and args.startswith(". "))))
+    assert all(args.split()[0].endswith("pyproject.toml") for k, args in image[:code_copy] if k == "COPY")
+    assert image[-1] == steps[-1] and ("USER", user) in image
+
+
+def test_the_cpu_image_carries_prebuilt_kernels_not_a_compiler():
+    steps = _instructions("Containerfile")
+    env = " ".join(args for k, args in steps if k == "ENV")
+    assert "PAGEDGEN_CPU_KERNELS=" not in env                   # the native kernels are on
+    kernels_dir = re.search(r"PAGEDGEN_CPU_KERNELS_DIR=(\S+)", env)[1]
+    stages, image = _stages(steps), _final_chain(steps)
+    builder = next(name for name, (_, own) in stages.items()
+                   if any(k == "RUN" and "build_portable(" in args for k, args in own))
+    builder_runs = " ".join(args for k, args in stages[builder][1] if k == "RUN")
+    assert re.search(r"apt-get install .*\bgcc\b", builder_runs) and "PAGEDGEN_CPU_KERNELS_DIR" in builder_runs
+    # Only the library comes over, into the directory the loader reads; no compiler in the image's own stages.
+    assert ("COPY", f"--from={builder} {kernels_dir} {kernels_dir}") in image
+    assert not any(k == "RUN" and re.search(r"\b(gcc|clang|build-essential)\b", args) for k, args in image)
+    assert builder not in {parent for parent, _ in stages.values()}      # nothing else is built on the builder
 
 
 def test_the_build_context_holds_only_what_pip_install_needs():

@@ -15,6 +15,18 @@ text, compiler and CPU (it is compiled with ``-march=native``), into
 GIL while it runs. OpenMP resolves
 to the runtime torch has already loaded (same soname), so the kernels and
 torch share one thread pool.
+
+Where there is no compiler (the CPU container image), or the compiler fails,
+the library may come prebuilt: ``build_portable(dir)`` compiles the same
+sources for a portable target (x86-64: ``x86-64-v3``, i.e. AVX2, FMA, F16C,
+BMI1/2; aarch64: ``armv8-a``) into ``pagedgen_cpu-<key>-<target>.so``, the
+key hashing the sources and flags, and the loader takes that file from
+``PAGEDGEN_CPU_KERNELS_DIR`` (default ``$PAGEDGEN_CACHE_DIR/kernels``) only
+if its name matches these sources (a stale library is never loaded) and this
+CPU shows every feature the target needs in ``/proc/cpuinfo`` (else it logs
+which are missing and the torch path runs: never an illegal instruction). A
+compiler, when there is one, still builds for ``-march=native``: the native
+build is the faster one, so a prebuilt file is only the fallback.
 """
 
 from __future__ import annotations
@@ -44,6 +56,17 @@ log = structlog.get_logger(__name__)
 _SOURCES = tuple(Path(__file__).with_name(name)
                  for name in ("paged_decode_attention.c", "decode_ops.c", "decode_layer.c"))
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+# Portable builds: platform.machine() -> (the -march, the /proc/cpuinfo flags a CPU needs to run that code).
+# x86-64-v3 as GCC and clang define it (v1 + v2 + v3 features; ``pni`` is SSE3, ``abm`` LZCNT), but for
+# ``syscall``, an instruction compiled C never contains. Every armv8-a CPU runs armv8-a code.
+PORTABLE_TARGETS: dict[str, tuple[str, frozenset[str]]] = {
+    "x86_64": ("x86-64-v3", frozenset({
+        "cmov", "cx8", "fpu", "fxsr", "mmx", "sse", "sse2",
+        "cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3",
+        "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"})),
+    "aarch64": ("armv8-a", frozenset()),
+}
+_MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}
 _lock = threading.Lock()
 _i32 = ctypes.c_int32
 _i64 = ctypes.c_int64
@@ -54,37 +77,126 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _cpu_signature() -> str:
-    """What -march=native depends on: the machine and its CPU flags."""
-    flags = ""
+def _cpuinfo_flags_line() -> str:
+    """The first ``flags`` (x86) or ``Features`` (arm) line of /proc/cpuinfo; "" where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                flags = line
-                break
+                return line
     except OSError:
         pass
-    return f"{platform.machine()}|{platform.processor()}|{flags}"
+    return ""
+
+
+def _cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags as /proc/cpuinfo names them, or None where it cannot be read."""
+    line = _cpuinfo_flags_line()
+    return frozenset(line.partition(":")[2].split()) if line else None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the machine and its CPU flags."""
+    return f"{platform.machine()}|{platform.processor()}|{_cpuinfo_flags_line()}"
+
+
+def _machine() -> str:
+    machine = platform.machine().lower()
+    return _MACHINES.get(machine, machine)
+
+
+def _portable_flags(march: str) -> tuple[str, ...]:
+    return ("-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC")
+
+
+def prebuilt_name(sources: tuple[Path, ...] = _SOURCES, machine: str | None = None) -> str | None:
+    """The file name of the portable library of ``sources`` for ``machine`` (this one by default):
+    ``pagedgen_cpu-<key>-<march>.so``, the key hashing the sources and the flags; None for a machine
+    without a portable target."""
+    entry = PORTABLE_TARGETS.get(machine or _machine())
+    if entry is None:
+        return None
+    flags = _portable_flags(entry[0])
+    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in sources), " ".join(flags).encode()])).hexdigest()[:16]
+    return f"pagedgen_cpu-{key}-{entry[0]}.so"
+
+
+def prebuilt_dir() -> Path:
+    """Where prebuilt libraries are looked for: ``PAGEDGEN_CPU_KERNELS_DIR``, else ``$PAGEDGEN_CACHE_DIR/kernels``."""
+    configured = envs.get_str("PAGEDGEN_CPU_KERNELS_DIR")
+    return Path(configured).expanduser() if configured else envs.cache_dir() / "kernels"
+
+
+def _compile(compiler: str, flags: tuple[str, ...], sources: tuple[Path, ...], target: Path) -> None:
+    """Compile ``sources`` into ``target`` (written whole or not at all)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *flags, "-o", str(built), *map(str, sources), "-lm"],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, target)              # atomic: concurrent builders agree on the file
 
 
 def _build(compiler: str, sources: tuple[Path, ...]) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in sources), version.encode(),
                                      " ".join(_FLAGS).encode(), _cpu_signature().encode()])).hexdigest()[:16]
-    out_dir = envs.cache_dir() / "kernels"
-    target = out_dir / f"pagedgen_cpu-{key}.so"
+    target = envs.cache_dir() / "kernels" / f"pagedgen_cpu-{key}.so"
     if target.exists():
         return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *_FLAGS, "-o", str(built), *map(str, sources), "-lm"],
-                                capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(built, target)              # atomic: concurrent builders agree on the file
+    _compile(compiler, _FLAGS, sources, target)
     log.info("cpu_kernel_built", path=str(target))
     return target
+
+
+def build_portable(out_dir: str | Path, compiler: str | None = None, sources: tuple[Path, ...] = _SOURCES) -> Path:
+    """Compile ``sources`` for this machine's portable target into ``out_dir``/``prebuilt_name()``, for
+    hosts without a compiler (the container image's build stage runs this); returns the file's path.
+    Raises RuntimeError where there is no compiler, no portable target for this machine, or the build fails."""
+    compiler = compiler or _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc, clang) on PATH and CC unset")
+    machine = _machine()
+    name = prebuilt_name(sources, machine)
+    if name is None:
+        raise RuntimeError(f"no portable target for {machine!r} (known: {', '.join(PORTABLE_TARGETS)})")
+    target = Path(out_dir) / name
+    _compile(compiler, _portable_flags(PORTABLE_TARGETS[machine][0]), sources, target)
+    log.info("cpu_kernel_built", path=str(target), target=PORTABLE_TARGETS[machine][0])
+    return target
+
+
+def _load_prebuilt(why: str, sources: tuple[Path, ...] = _SOURCES) -> ctypes.CDLL | None:
+    """The portable library of ``sources`` from ``prebuilt_dir()`` where this CPU can run it, else None;
+    ``why``: why there is no native build. Either way it is logged (once per process, by ``_compiled``)."""
+    fallback = "torch attention and operators"
+    machine = _machine()
+    name = prebuilt_name(sources, machine)
+    if name is None:
+        log.warning("cpu_kernel_unavailable", reason=f"{why}; no portable target for {machine!r}", fallback=fallback)
+        return None
+    march, needed = PORTABLE_TARGETS[machine]
+    path = prebuilt_dir() / name
+    if not path.is_file():
+        others = sorted(p.name for p in path.parent.glob(f"pagedgen_cpu-*-{march}.so")) if path.parent.is_dir() else []
+        stale = f" ({', '.join(others)}: built from other sources)" if others else ""
+        log.warning("cpu_kernel_unavailable", reason=f"{why}; no prebuilt library for these sources at {path}{stale}",
+                    fallback=fallback)
+        return None
+    flags = _cpu_flags() if needed else frozenset()
+    missing = sorted(needed - flags) if flags is not None else ["(cannot read /proc/cpuinfo)"]
+    if missing:
+        log.warning("cpu_kernel_unavailable", reason=f"{why}; this CPU lacks {', '.join(missing)}, which the "
+                    f"prebuilt {march} library {path} needs", fallback=fallback)
+        return None
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as e:
+        log.warning("cpu_kernel_unavailable", reason=f"{why}; cannot load {path}: {e}"[:1000], fallback=fallback)
+        return None
+    log.info("cpu_kernel_prebuilt_loaded", path=str(path), target=march, why=why)
+    return library
 
 
 def rows_of_heads(t: torch.Tensor, rows: int, heads: int, head_dim: int) -> bool:
@@ -179,19 +291,17 @@ def _library() -> ctypes.CDLL | None:
 
 @lru_cache(maxsize=1)
 def _compiled() -> ctypes.CDLL | None:
-    """The library built from ``_SOURCES`` (once per process), or None where it cannot be (logged once)."""
+    """The library built from ``_SOURCES`` for this CPU (once per process); without a compiler, or where
+    the build fails, the prebuilt portable one (``_load_prebuilt``); else None (logged once)."""
     compiler = _compiler()
     if compiler is None:
-        log.warning("cpu_kernel_unavailable", reason="no C compiler (cc, gcc, clang) on PATH",
-                    fallback="torch attention and operators")
-        return None
+        return _load_prebuilt("no C compiler (cc, gcc, clang) on PATH")
     try:
         with _lock:
             path = _build(compiler, _SOURCES)
         return ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("cpu_kernel_unavailable", reason=str(e)[:500], fallback="torch attention and operators")
-        return None
+        return _load_prebuilt(str(e)[:500])
 
 
 @lru_cache(maxsize=1)
