@@ -12,10 +12,12 @@
  * AVX2 EPYC). Whether software prefetches (non-temporal, 1 KiB ahead) run
  * ahead of the streams is set per process (pagedgen_set_weight_prefetch):
  * they helped there, but cut the bandwidth of an AVX-512 Xeon from ~30 to
- * ~10 GB/s, so the library's loader measures both here (ops.py) and keeps
- * the faster; the results are the same either way. The elementwise operators (RMSNorm
- * with the residual add, rotary embedding, SwiGLU) replace several torch ops
- * each, whose per-op overhead dominates at a few rows; attn_in and mlp_block
+ * ~10 GB/s, so the cpu backend measures both on the model's weights at start
+ * (ops.py, choose_weight_prefetch) and keeps the faster; the results are the
+ * same either way. The elementwise operators (RMSNorm with the residual add,
+ * rotary embedding, SwiGLU, the greedy argmax) replace several torch ops
+ * each, whose per-op overhead dominates at a few rows and whose separate
+ * passes over memory cost at a prefill chunk (threaded there); attn_in and mlp_block
  * chain them for a whole decoder layer in two calls from Python (one with
  * the attention in between: decode_layer.c).
  *

@@ -1,13 +1,14 @@
 """ctypes bindings of ``decode_ops.c``: small-batch GEMM and fused elementwise operators (float32).
 
-``DecodeOps`` is what the cpu backend hands the torch model for decode
-steps (``LlamaModel(ops=...)``): each method computes what the torch
-expression in its docstring computes (summation order aside), checks its
-inputs and writes a fresh contiguous tensor (``rope`` works in place on the
-GEMM output it is given). Callers decide when to use them: they pay off at
-a few rows (``max_rows``), where a torch op costs more in dispatch than in
-arithmetic and the BLAS streams a skinny product's weight below the
-memory bandwidth. ``attn_in`` and ``mlp_block`` chain those operators for a
+``DecodeOps`` is what the cpu backend hands the torch model
+(``LlamaModel(ops=...)``) and its sampler (``argmax``): each method computes
+what the torch expression in its docstring computes (summation order aside),
+checks its inputs and writes a fresh contiguous tensor (``rope`` works in
+place on the GEMM output it is given). Callers decide when to use them: the
+GEMM and the layer-sized calls pay off at a few rows (``max_rows``), where a
+torch op costs more in dispatch than in arithmetic and the BLAS streams a
+skinny product's weight below the memory bandwidth; the elementwise ones at
+any size (one pass over memory instead of several). ``attn_in`` and ``mlp_block`` chain those operators for a
 whole decoder layer in two calls that write caller-owned buffers
 (``mlp_scratch``): at one row each ctypes call or fresh tensor costs a few
 microseconds, a tenth of a layer's arithmetic.
