@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import openai
 import pytest
@@ -14,13 +16,26 @@ from tests.service.conftest import serving
 
 pytestmark = pytest.mark.timeout(120)
 
-MAX = 480                                   # hundreds of steps: far longer than the limits below
+MAX = 480                                   # hundreds of steps
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     with serving(tiny_model_dir, ServerOptions(port=0, openai_port=0)) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def limit_ms(stub) -> int:
+    """A third of how long MAX tokens take here (the fastest of three runs): a limit that ends a request
+    well inside it, on a fast machine as on a slow one."""
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        msgs = list(stub.Generate(_request()))
+        times.append(time.perf_counter() - t0)
+        assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH and msgs[-1].usage.completion_tokens == MAX
+    return max(1, int(min(times) * 1000 / 3))
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +49,12 @@ def _request(**kwargs) -> pb.GenerateRequest:
         max_tokens=MAX, ignore_eos=True, temperature=0), **kwargs)
 
 
-def test_grpc_time_limit_ends_with_time_limit_and_the_text_so_far(stub):
-    msgs = list(stub.Generate(_request(time_limit_ms=150)))
+def test_grpc_time_limit_ends_with_time_limit_and_the_text_so_far(stub, limit_ms):
+    msgs = list(stub.Generate(_request(time_limit_ms=limit_ms)))     # (without one it runs to MAX: limit_ms)
     last = msgs[-1]
     assert last.finish_reason == pb.FINISH_REASON_TIME_LIMIT
     assert 0 < last.usage.completion_tokens < MAX
     assert sum(len(m.token_ids) for m in msgs) == last.usage.completion_tokens
-    # Without a limit the same request runs to max_tokens.
-    full = list(stub.Generate(_request()))
-    assert full[-1].finish_reason == pb.FINISH_REASON_LENGTH and full[-1].usage.completion_tokens == MAX
 
 
 @pytest.mark.parametrize("value", [-1, 0])
@@ -53,14 +65,14 @@ def test_grpc_bad_time_limit_is_invalid_argument_naming_the_field(stub, value):
     assert list(stub.Generate(pb.GenerateRequest(prompt="still serving", sampling=pb.SamplingParams(max_tokens=2))))
 
 
-def test_http_time_limit_field(server):
+def test_http_time_limit_field(server, limit_ms):
     with openai.OpenAI(base_url=f"http://127.0.0.1:{server.server.openai_port}/v1", api_key="none",
                        max_retries=0) as oa:
         out = oa.completions.create(model=None, prompt="The cat watches", max_tokens=MAX, temperature=0,
-                                    extra_body={"ignore_eos": True, "time_limit_ms": 150})
+                                    extra_body={"ignore_eos": True, "time_limit_ms": limit_ms})
         assert out.choices[0].finish_reason == "time_limit" and 0 < out.usage.completion_tokens < MAX
         chat = oa.chat.completions.create(model=None, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX,
-                                          temperature=0, extra_body={"ignore_eos": True, "time_limit_ms": 150})
+                                          temperature=0, extra_body={"ignore_eos": True, "time_limit_ms": limit_ms})
         assert chat.choices[0].finish_reason == "time_limit"
         with pytest.raises(openai.BadRequestError) as info:
             oa.completions.create(model=None, prompt="x", extra_body={"time_limit_ms": -5})
@@ -69,8 +81,14 @@ def test_http_time_limit_field(server):
 
 
 def test_offline_time_limit_and_the_server_default(tiny_model_dir):
-    llm = LLM(tiny_model_dir, num_kv_blocks=256, default_time_limit_ms=150)
     params = SamplingParams(max_tokens=MAX, ignore_eos=True, temperature=0)
+    plain, times = LLM(tiny_model_dir, num_kv_blocks=256), []
+    for _ in range(3):                                  # in-process: faster than through the server
+        t0 = time.perf_counter()
+        (full,) = plain.generate(["The cat watches"], params)
+        times.append(time.perf_counter() - t0)
+        assert full.outputs[0].finish_reason == "length"
+    llm = LLM(tiny_model_dir, num_kv_blocks=256, default_time_limit_ms=max(1, int(min(times) * 1000 / 3)))
     (out,) = llm.generate(["The cat watches"], params)                      # the engine's default applies
     assert out.outputs[0].finish_reason == "time_limit" and 0 < len(out.outputs[0].token_ids) < MAX
     assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids)
