@@ -361,7 +361,9 @@ def test_disconnected_non_streamed_request_is_aborted(http_server):
     engine = http_server.engine
     steps = engine.engine.num_steps
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{http_server.http}/v1/completions", timeout=0.3, headers={"authorization": f"Bearer {API_KEY}"},
+        # 50 ms: a fast machine computes all LONG tokens of the tiny model in ~0.3 s
+        httpx.post(f"{http_server.http}/v1/completions", timeout=httpx.Timeout(0.05, connect=10),
+                   headers={"authorization": f"Bearer {API_KEY}"},
                    json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": LONG, "ignore_eos": True})
     _wait_until_idle(engine)
     assert engine.engine.num_steps - steps < LONG - 100
