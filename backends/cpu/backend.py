@@ -104,8 +104,9 @@ class CPUBackend(Backend):
         if self.onednn is not None:
             self.onednn.pack(projections(self.model.weights))     # once; the plain weights stay for <= 8 rows
         self._tune_for_this_machine()
+        native = decode_ops()                                     # its argmax: logits are float32 in every dtype
         self.sampler = Sampler(eos_token_ids or model_config.eos_token_ids, seed=seed,
-                               argmax=None if decode_ops() is None else decode_ops().argmax)  # logits: float32
+                               argmax=None if native is None else native.argmax)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.num_blocks = 0
@@ -120,7 +121,7 @@ class CPUBackend(Backend):
         if self._torch_dtype != torch.float32 or sum(w.numel() * w.element_size() for w in weights) < TUNE_MIN_BYTES:
             return
         if self.model.ops is not None:
-            log.info("cpu_gemm_prefetch", **self.model.ops.choose_weight_prefetch(weights, min_bytes=0))
+            log.info("cpu_gemm_prefetch", **self.model.ops.choose_weight_prefetch(weights))
         if self.onednn is None:
             first = self.model.weights.layers[0]
             rows, rates = choose_contiguous_min_rows([w for w in (getattr(first, name, None) for name in PROJECTIONS)

@@ -30,13 +30,13 @@ second half); it gains ~4% on the batch-64 benchmark here.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from backends.cpu.native import decode_ops
+from backends.cpu.native.ops import alternating_medians
 from common import envs
 
 if TYPE_CHECKING:
@@ -112,28 +112,22 @@ def choose_contiguous_min_rows(weights: Sequence[torch.Tensor], passes: int = 3)
     """From how many rows ``cpu_linear`` should use ``F.linear`` on this machine, measured on ``weights``
     (float32 ``[out, in]``: one decoder layer's projections is enough).
 
-    For each of ``CONTIGUOUS_CANDIDATE_ROWS`` in turn, times the products both ways, alternating
-    ``passes`` times: ``F.linear`` against the transposed view plus the copy that makes it contiguous
-    (what the layer's next ops pay to read it). The first row count where ``F.linear`` reaches 90% of
-    the view's rate wins: the copy alone understates what the view costs the rest of the layer. None
-    wins: ``CONTIGUOUS_MIN_ROWS``. Returns the threshold and the measured rates (GFLOP/s).
+    For each of ``CONTIGUOUS_CANDIDATE_ROWS`` in turn, times the products both ways
+    (``alternating_medians``): ``F.linear`` against the transposed view plus the copy that makes it
+    contiguous (what the layer's next ops pay to read it). The first row count where ``F.linear``
+    reaches 90% of the view's rate wins: the copy alone understates what the view costs the rest of the
+    layer. None wins: ``CONTIGUOUS_MIN_ROWS``. Returns the threshold and the measured rates (GFLOP/s).
     """
     weights = [w for w in weights if w.dim() == 2 and w.dtype == torch.float32 and w.is_contiguous()]
     rates: dict[str, float] = {}
     for rows in CONTIGUOUS_CANDIDATE_ROWS:
         xs = {w.shape[1]: torch.ones(rows, w.shape[1]) for w in weights}
+        seconds = alternating_medians({
+            "linear": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
+            "view": lambda: [torch.mm(w, xs[w.shape[1]].t()).t().contiguous() for w in weights]}, passes)
         flop = sum(2 * rows * w.shape[0] * w.shape[1] for w in weights)
-        times: dict[str, list[float]] = {"linear": [], "view": []}
-        for i in range(2 * passes + 2):                                   # the first two warm up
-            way = "linear" if i % 2 == 0 else "view"
-            t0 = time.perf_counter()
-            for w in weights:
-                x = xs[w.shape[1]]
-                F.linear(x, w) if way == "linear" else torch.mm(w, x.t()).t().contiguous()
-            if i >= 2:
-                times[way].append(time.perf_counter() - t0)
-        for way, ts in times.items():
-            rates[f"{way}_{rows}_gflops"] = round(flop / sorted(ts)[len(ts) // 2] / 1e9, 1)
+        for way, s in seconds.items():
+            rates[f"{way}_{rows}_gflops"] = round(flop / s / 1e9, 1)
         if rates[f"linear_{rows}_gflops"] >= 0.9 * rates[f"view_{rows}_gflops"]:
             return rows, rates
     return CONTIGUOUS_MIN_ROWS, rates

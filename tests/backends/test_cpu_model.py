@@ -218,6 +218,19 @@ def test_choose_contiguous_min_rows_picks_a_candidate_or_the_default():
     assert all(v > 0 for v in rates.values())
 
 
+def test_the_start_up_gemm_measurements_skip_a_model_that_sits_in_cache(monkeypatch):
+    from backends.cpu import backend as cpu_backend
+    from backends.cpu.linear import CONTIGUOUS_CANDIDATE_ROWS
+    from tests.backends import tiny_model
+
+    _, config, weights = tiny_model("llama", seed=4)
+    assert CPUBackend(config, weights).model.linear is cpu_linear            # under TUNE_MIN_BYTES: as built
+    monkeypatch.setattr(cpu_backend, "TUNE_MIN_BYTES", 0)
+    tuned = CPUBackend(config, weights).model.linear                         # measured: cpu_linear, a threshold
+    assert tuned.func is cpu_linear
+    assert tuned.keywords["contiguous_min_rows"] in CONTIGUOUS_CANDIDATE_ROWS + (CONTIGUOUS_MIN_ROWS,)
+
+
 def test_cpu_linear_bfloat16_upcast():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 32, generator=g).bfloat16()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -32,6 +32,19 @@ _f32 = ctypes.c_float
 
 # Decode steps of at most this many token rows use the fused operators.
 MAX_ROWS = 8
+
+
+def alternating_medians(ways: dict[str, Callable[[], object]], passes: int = 3) -> dict[str, float]:
+    """The median seconds of each of ``ways`` over ``passes`` rounds that run them in turn, after one
+    warm-up round: alternating keeps a busy machine's slow spells from landing on one way only."""
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for round_ in range(passes + 1):
+        for name, run in ways.items():
+            t0 = time.perf_counter()
+            run()
+            if round_:
+                times[name].append(time.perf_counter() - t0)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def _check(name: str, t: torch.Tensor, rows_strided: bool = False) -> None:
@@ -71,33 +84,28 @@ class DecodeOps:
                    self._argmax, self._set_prefetch):
             fn.restype = ctypes.c_int
 
-    def choose_weight_prefetch(self, weights: Sequence[torch.Tensor], passes: int = 3,
-                               min_bytes: int = 64 << 20) -> dict[str, float | bool] | None:
+    def choose_weight_prefetch(self, weights: Sequence[torch.Tensor], passes: int = 3) -> dict[str, float | bool]:
         """Time one-row products over ``weights`` (a model's projections, in the order a decode step reads
-        them) with the GEMM's weight prefetches off and on, alternating ``passes`` times, and keep them on
-        only where that is clearly (10%) faster: they help some memory systems and cost others two thirds
-        of the read rate (decode_ops.c); the results are the same either way. Weights of fewer than
-        ``min_bytes`` in all (a cache-resident toy model) say nothing about streaming: None, left as is.
-        Returns the decision and both read rates (GB/s, the median pass)."""
+        them; big enough to stream from memory, not from cache) with the GEMM's weight prefetches off and
+        on (``alternating_medians``), and keep them on only where that is clearly (10%) faster: they help
+        some memory systems and cost others two thirds of the read rate (decode_ops.c); the results are
+        the same either way. Returns the decision and both read rates (GB/s, the median pass)."""
         weights = [w for w in weights if w.dim() == 2 and w.dtype == torch.float32 and w.is_contiguous()]
-        total = sum(w.numel() * 4 for w in weights)
-        if total < min_bytes:
-            return None
         xs = {w.shape[1]: torch.ones(1, w.shape[1]) for w in weights}
-        times: dict[int, list[float]] = {0: [], 1: []}
-        for i in range(2 * passes + 1):                                  # pass 0 warms up (off)
-            on = i % 2 if i else 0
-            self._set_prefetch(on)
-            t0 = time.perf_counter()
-            for w in weights:
-                self.linear(xs[w.shape[1]], w)
-            if i:
-                times[on].append(time.perf_counter() - t0)
-        off_s, on_s = (sorted(times[k])[len(times[k]) // 2] for k in (0, 1))
-        prefetch = on_s < 0.9 * off_s
-        self._set_prefetch(int(prefetch))
-        return {"prefetch": prefetch, "off_gbps": round(total / off_s / 1e9, 1),
-                "on_gbps": round(total / on_s / 1e9, 1)}
+
+        def read_all(on: bool) -> Callable[[], None]:
+            def run() -> None:
+                self.set_weight_prefetch(on)
+                for w in weights:
+                    self.linear(xs[w.shape[1]], w)
+            return run
+
+        seconds = alternating_medians({"off": read_all(False), "on": read_all(True)}, passes)
+        prefetch = seconds["on"] < 0.9 * seconds["off"]
+        self.set_weight_prefetch(prefetch)
+        total = sum(w.numel() * 4 for w in weights)
+        return {"prefetch": prefetch, "off_gbps": round(total / seconds["off"] / 1e9, 1),
+                "on_gbps": round(total / seconds["on"] / 1e9, 1)}
 
     def set_weight_prefetch(self, on: bool) -> None:
         """Switch the GEMM's weight prefetches on or off for later calls (``choose_weight_prefetch`` measures)."""
