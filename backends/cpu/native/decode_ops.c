@@ -189,7 +189,8 @@ int pagedgen_rope_f32(float *x, int64_t ldx, const float *cos_, const float *sin
 
 /* exp of 8 floats, within 2 ulp of expf: e^x = 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two
  * parts, so r is exact), e^r by its degree-6 minimax polynomial on |r| <= ln 2 / 2 (Cephes' coefficients), 2^n
- * put into the exponent bits. x is clamped to [-87.3, 88.7]: e^x stays a finite normal float (>= 1.2e-38), where
+ * put into the exponent bits: the method of paged_decode_attention.c's exp8_nonpositive (a translation unit
+ * of its own, without a shared header), over the whole range. x is clamped to [-87.3, 88.7]: e^x stays a finite normal float (>= 1.2e-38), where
  * expf would give 0 below or inf above; silu's x / (1 + e^-x) takes the same value to float precision either way. */
 typedef int32_t v8i __attribute__((vector_size(32)));
 
@@ -209,12 +210,9 @@ static inline v8f exp8(v8f x) {
     const v8f lo = {-87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f};
     x = select8(x > hi, hi, x);
     x = select8(x < lo, lo, x);
-    const v8f t = x * 1.44269504088896341f;                       /* x / ln 2 */
-    v8i n = __builtin_convertvector(t, v8i);                      /* toward zero, then to nearest: */
-    const v8f nf0 = __builtin_convertvector(n, v8f);
-    n += (v8i)(t - nf0 > 0.5f) & 1;
-    n -= (v8i)(t - nf0 < -0.5f) & 1;
-    const v8f nf = __builtin_convertvector(n, v8f);
+    const v8f round_magic = x - x + 12582912.0f;                  /* 1.5 * 2^23: adding it rounds to nearest */
+    const v8f nf = (x * 1.44269504088896341f + round_magic) - round_magic;   /* round(x / ln 2) */
+    const v8i n = __builtin_convertvector(nf, v8i);
     const v8f r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;  /* x - n ln 2, ln 2 = 0.693359375 - 2.12e-4 */
     v8f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
