@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import grpc
 import openai
@@ -25,17 +26,24 @@ def server(tiny_model_dir):
         yield srv
 
 
+def third_of_fastest_ms(run: Callable[[], None], runs: int = 3) -> int:
+    """A third of how long ``run`` (MAX tokens unlimited) takes here, the fastest of ``runs``: a limit that
+    ends such a request well inside it, on a fast machine as on a slow one."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return max(1, int(min(times) * 1000 / 3))
+
+
 @pytest.fixture(scope="module")
 def limit_ms(stub) -> int:
-    """A third of how long MAX tokens take here (the fastest of three runs): a limit that ends a request
-    well inside it, on a fast machine as on a slow one."""
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
+    """``third_of_fastest_ms`` through the server."""
+    def run() -> None:
         msgs = list(stub.Generate(_request()))
-        times.append(time.perf_counter() - t0)
         assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH and msgs[-1].usage.completion_tokens == MAX
-    return max(1, int(min(times) * 1000 / 3))
+    return third_of_fastest_ms(run)
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +90,12 @@ def test_http_time_limit_field(server, limit_ms):
 
 def test_offline_time_limit_and_the_server_default(tiny_model_dir):
     params = SamplingParams(max_tokens=MAX, ignore_eos=True, temperature=0)
-    plain, times = LLM(tiny_model_dir, num_kv_blocks=256), []
-    for _ in range(3):                                  # in-process: faster than through the server
-        t0 = time.perf_counter()
+    plain = LLM(tiny_model_dir, num_kv_blocks=256)
+
+    def run() -> None:                                  # in-process: faster than through the server
         (full,) = plain.generate(["The cat watches"], params)
-        times.append(time.perf_counter() - t0)
         assert full.outputs[0].finish_reason == "length"
-    llm = LLM(tiny_model_dir, num_kv_blocks=256, default_time_limit_ms=max(1, int(min(times) * 1000 / 3)))
+    llm = LLM(tiny_model_dir, num_kv_blocks=256, default_time_limit_ms=third_of_fastest_ms(run))
     (out,) = llm.generate(["The cat watches"], params)                      # the engine's default applies
     assert out.outputs[0].finish_reason == "time_limit" and 0 < len(out.outputs[0].token_ids) < MAX
     assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids)
