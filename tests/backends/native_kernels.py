@@ -2,7 +2,8 @@
 
 ``needs_cc`` skips a module where no C compiler is on PATH (the cpu backend
 then runs its torch path); the ``kernel`` and ``ops`` fixtures, imported by
-those modules, fail loudly when a compiler is there but the build failed.
+those modules, fail loudly when a compiler is there but the build failed;
+``randn`` gives their seeded inputs.
 """
 
 from __future__ import annotations
@@ -10,11 +11,17 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from backends.cpu import native
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                               reason="no C compiler: the cpu backend uses its torch path")
+
+
+def randn(*shape, seed=0):
+    """A seeded standard-normal float32 tensor of ``shape``."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from backends.torch_model.rope import apply_rope, rope_cos_sin
-from tests.backends.native_kernels import ops, needs_cc  # noqa: F401  (ops: a fixture)
+from tests.backends.native_kernels import ops, needs_cc, randn  # noqa: F401  (ops: a fixture)
 
 pytestmark = needs_cc
-
-
-def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])

@@ -17,15 +17,11 @@ from structlog.testing import capture_logs
 
 from backends.cpu import native
 from backends.cpu.backend import cpu_linear
-from tests.backends.native_kernels import needs_cc
+from tests.backends.native_kernels import needs_cc, randn
 
 pytestmark = needs_cc                                   # building the library needs one
 
 CC = shutil.which("cc") or shutil.which("gcc")          # found before any test hides it
-
-
-def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def clear() -> None:
