@@ -32,10 +32,10 @@ def server(tiny_model_dir):
         yield server
 
 
-def _run(client, request_id: str, outcomes: dict) -> None:
+def _run(client, request_id: str, outcomes: dict, max_tokens: int = MAX_TOKENS) -> None:
     """One greedy request; its outcome lands in ``outcomes[request_id]``."""
     try:
-        chunks = list(client.generate("The cat watches", request_id=request_id, max_tokens=MAX_TOKENS,
+        chunks = list(client.generate("The cat watches", request_id=request_id, max_tokens=max_tokens,
                                       ignore_eos=True, temperature=0))
         outcomes[request_id] = ("ok", sum(len(c.token_ids) for c in chunks), chunks[-1].finish_reason)
     except PagedgenClientError as e:
@@ -143,7 +143,9 @@ def test_a_failed_step_still_lets_the_backend_drop_requests_that_ended_before_it
     with StepFaults(server.engine, fail_if=lambda sched: bool(sched.finished_request_ids)) as faults, \
             server.client(retry=RetryPolicy(max_attempts=1)) as client:
         faults.arm(1)
-        long = threading.Thread(target=_run, args=(client, "long", outcomes))
+        # "long" must still run when "seeded" ends (the fault takes the step after): 400 tokens, where
+        # MAX_TOKENS of the tiny model take ~15 ms on a fast machine, less than "seeded"'s start
+        long = threading.Thread(target=_run, args=(client, "long", outcomes, 400))
         long.start()
         assert _wait_for(lambda: client.stats().num_running == 1)
         seeded = list(client.generate("A red kite", request_id="seeded", seed=7, temperature=0.8, max_tokens=3,
