@@ -8,9 +8,10 @@ default on machines without a GPU. One ``execute`` call:
    rows change only where a request gained a block or joined) and builds the
    int64 step tensors and the attention metadata from it, once for all layers;
 3. runs the model under ``torch.inference_mode`` (logits only for the rows
-   that sample); in float32, products of more than ``NATIVE_MAX_ROWS`` rows
-   run against weights prepacked for oneDNN at load (``backends.cpu.linear``,
-   off with ``PAGEDGEN_CPU_ONEDNN=0``), fewer rows in the native GEMM;
+   that sample); float32 products go through ``backends.cpu.linear``: the
+   native GEMMs up to ``NATIVE_GEMM_MAX_ROWS`` rows (decode steps), BLAS for
+   prefill chunks (or, opt-in with ``PAGEDGEN_CPU_ONEDNN=1``, weights
+   prepacked for oneDNN at load);
 4. samples the requests with ``needs_sample``.
 """
 
@@ -25,8 +26,8 @@ import torch
 
 from backends.cpu.attention import CPUAttention
 from backends.cpu.linear import (  # noqa: F401  (re-exported: tests and callers import them from here)
-    CONTIGUOUS_MIN_ROWS, LINEAR_ROW_BLOCK, NATIVE_MAX_ROWS, PROJECTIONS, OneDNNLinear, choose_contiguous_min_rows,
-    cpu_linear, onednn_available, onednn_enabled, projections)
+    CONTIGUOUS_MIN_ROWS, LINEAR_ROW_BLOCK, NATIVE_GEMM_MAX_ROWS, NATIVE_MAX_ROWS, PROJECTIONS, OneDNNLinear,
+    choose_contiguous_min_rows, choose_native_max_rows, cpu_linear, onednn_available, onednn_enabled, projections)
 from backends.input_batch import InputBatch
 from backends.cpu.native import decode_ops
 from backends.sampler import Sampler
@@ -113,10 +114,11 @@ class CPUBackend(Backend):
         self.input_batch: InputBatch | None = None        # made with the KV cache (it needs the block size)
 
     def _tune_for_this_machine(self) -> None:
-        """Measure, on this model's own weights, the two GEMM choices that depend on the CPU and its memory
-        system: whether the native GEMM prefetches the weights, and from how many rows ``cpu_linear``
-        uses ``F.linear`` (float32, models of 64 MiB or more: a toy model's weights sit in cache and say
-        nothing). Either choice changes speed only, never a result. ~0.3 s for the default model."""
+        """Measure, on this model's own weights, the GEMM choices that depend on the CPU and its memory
+        system: whether the native GEMM prefetches the weights, from how many rows ``cpu_linear`` uses
+        ``F.linear``, and up to how many it uses the native GEMMs (the first third of the layers, at 64
+        rows). float32, models of 64 MiB or more: a toy model's weights sit in cache and say nothing. No
+        choice changes a result beyond float rounding order. ~0.5 s for the default model."""
         weights = projections(self.model.weights)
         if self._torch_dtype != torch.float32 or sum(w.numel() * w.element_size() for w in weights) < TUNE_MIN_BYTES:
             return
@@ -127,7 +129,12 @@ class CPUBackend(Backend):
             rows, rates = choose_contiguous_min_rows([w for w in (getattr(first, name, None) for name in PROJECTIONS)
                                                       if isinstance(w, torch.Tensor)])
             log.info("cpu_linear_orientation", contiguous_min_rows=rows, **rates)
-            self.model.linear = partial(cpu_linear, contiguous_min_rows=rows)
+            third = self.model.weights.layers[: max(1, len(self.model.weights.layers) // 3)]
+            native_rows, native_rates = choose_native_max_rows(
+                [w for layer in third for w in (getattr(layer, name, None) for name in PROJECTIONS)
+                 if isinstance(w, torch.Tensor)], rows, passes=2)
+            log.info("cpu_native_gemm", native_max_rows=native_rows, **native_rates)
+            self.model.linear = partial(cpu_linear, contiguous_min_rows=rows, native_max_rows=native_rows)
 
     def _onednn_linear(self, requested: bool | None) -> OneDNNLinear | None:
         """The prepacked oneDNN linear where it applies (float32, oneDNN present, not switched off), else None.

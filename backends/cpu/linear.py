@@ -5,11 +5,14 @@ through one of these, with ``F.linear``'s signature (``x [T, in]``,
 ``w [out, in]``, optional bias -> ``[T, out]``):
 
 - ``cpu_linear`` picks, per call, the fastest way torch/MKL (or the native
-  small-batch GEMM) has for the shape: the native GEMM up to
+  GEMMs) has for the shape: the native small-batch GEMM up to
   ``NATIVE_MAX_ROWS`` rows, the transposed-view orientation for skinny
   products, ``F.linear`` for long ones. Where "long" starts depends on the
   CPU (MKL takes other paths on other vendors): ``choose_contiguous_min_rows``
-  measures it on a model's own weights when the cpu backend starts.
+  measures it on a model's own weights when the cpu backend starts. Up to
+  ``NATIVE_GEMM_MAX_ROWS`` rows (batched decode, short chunks) the native
+  batched GEMM runs instead, unless ``choose_native_max_rows`` finds BLAS
+  faster on this machine.
 - ``OneDNNLinear`` runs products of more than ``NATIVE_MAX_ROWS`` rows
   against weights reordered once, at load, into oneDNN's blocked layout
   (``torch.ops.mkldnn``). On this machine kind (AMD, AVX2) MKL is weak at
@@ -56,8 +59,15 @@ CONTIGUOUS_CANDIDATE_ROWS = (32, 64, 128)
 # float32 products of at most this many rows (decode steps) run in the native
 # small-batch GEMM (backends/cpu/native/decode_ops.c) where it was built: it
 # streams the weight once at close to the memory bandwidth (MKL: ~60% of it at
-# 1-2 rows) into a contiguous output; beyond, MKL's blocking wins.
+# 1-2 rows) into a contiguous output.
 NATIVE_MAX_ROWS = 8
+# ... and up to this many in the native batched GEMM (gemm.c: batched decode,
+# short prefill chunks), which reads the weights in place where BLAS packs
+# them on every call: a batch-64 decode step's projections and LM head,
+# streamed from memory, 85 -> 60 ms on a 2-core AVX-512 Xeon. Past ~200 rows
+# MKL's blocking wins (at 256 rows they are even there). choose_native_max_rows
+# turns the batched GEMM off on a machine where it is not faster.
+NATIVE_GEMM_MAX_ROWS = 192
 # The batch size oneDNN is told to expect when it picks the weights' blocked
 # layout; any row count runs against it. Measured here at 64 and 2048 rows
 # on the model's shapes, 2048 was as fast or faster at both.
@@ -69,7 +79,8 @@ Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Ten
 
 
 def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-               upcast_min_rows: int | None = None, contiguous_min_rows: int = CONTIGUOUS_MIN_ROWS) -> torch.Tensor:
+               upcast_min_rows: int | None = None, contiguous_min_rows: int = CONTIGUOUS_MIN_ROWS,
+               native_max_rows: int = NATIVE_GEMM_MAX_ROWS) -> torch.Tensor:
     """``F.linear(x, w, bias)``, for few rows as the view ``(w @ x.T).T`` ``[T, out]``.
 
     On CPU, MKL runs skinny GEMMs (few tokens, a large weight) in this
@@ -82,18 +93,20 @@ def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     much as the GEMM. With ``upcast_min_rows``, bfloat16 products of at least
     that many rows run in float32 (CPUs without native bfloat16 emulate it
     several times slower than converting the weight on the fly). float32
-    products of up to ``NATIVE_MAX_ROWS`` rows use the native GEMM when it is available.
+    products of up to ``native_max_rows`` rows (``NATIVE_GEMM_MAX_ROWS``; at least ``NATIVE_MAX_ROWS``)
+    use the native GEMMs when they are available.
     """
-    if x.shape[0] <= NATIVE_MAX_ROWS and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1 \
+    if x.shape[0] <= max(native_max_rows, NATIVE_MAX_ROWS) and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1 \
             and w.is_contiguous() and (bias is None or bias.is_contiguous()):
         ops = decode_ops()
         if ops is not None:
             return ops.linear(x, w, bias)                                              # [T, out]
     if upcast_min_rows is not None and x.dtype == torch.bfloat16 and x.shape[0] >= upcast_min_rows:
         b = None if bias is None else bias.float()
-        return cpu_linear(x.float(), w.float(), b, None, contiguous_min_rows).to(torch.bfloat16)  # [T, out]
+        return cpu_linear(x.float(), w.float(), b, None, contiguous_min_rows,
+                          native_max_rows).to(torch.bfloat16)                          # [T, out]
     if x.shape[0] == 1:
-        return cpu_linear(torch.cat((x, x)), w, bias)[:1]                              # [1, out]
+        return cpu_linear(torch.cat((x, x)), w, bias, None, contiguous_min_rows, native_max_rows)[:1]  # [1, out]
     if x.shape[0] >= contiguous_min_rows:
         return F.linear(x, w, bias)                                                    # [T, out]
     if w.shape[0] > 2 * LINEAR_ROW_BLOCK:
@@ -101,7 +114,8 @@ def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         for start in range(0, w.shape[0], LINEAR_ROW_BLOCK):
             end = start + LINEAR_ROW_BLOCK
             b = None if bias is None else bias[start:end]
-            out[:, start:end] = cpu_linear(x, w[start:end], b, upcast_min_rows, contiguous_min_rows)  # [T, block]
+            out[:, start:end] = cpu_linear(x, w[start:end], b, upcast_min_rows, contiguous_min_rows,
+                                           native_max_rows)                            # [T, block]
         return out
     if bias is None:
         return torch.mm(w, x.t()).t()                                                  # [T, out]
@@ -131,6 +145,32 @@ def choose_contiguous_min_rows(weights: Sequence[torch.Tensor], passes: int = 3)
         if rates[f"linear_{rows}_gflops"] >= 0.9 * rates[f"view_{rows}_gflops"]:
             return rows, rates
     return CONTIGUOUS_MIN_ROWS, rates
+
+
+def choose_native_max_rows(weights: Sequence[torch.Tensor], contiguous_min_rows: int = CONTIGUOUS_MIN_ROWS,
+                           rows: int = 64, passes: int = 3) -> tuple[int, dict[str, float]]:
+    """Up to how many rows ``cpu_linear`` should use the native GEMMs on this machine, measured on
+    ``weights`` (float32 ``[out, in]``, in the order a step reads them: a model's projections, enough of
+    them to stream from memory rather than from cache).
+
+    Times ``rows``-row products over ``weights`` in the native batched GEMM and in BLAS (``cpu_linear``
+    as it would run them otherwise, with ``contiguous_min_rows``), alternating (``alternating_medians``):
+    ``NATIVE_GEMM_MAX_ROWS`` where the native GEMM is at least as fast, else ``NATIVE_MAX_ROWS`` (only
+    decode steps of a few rows stay native). Returns the threshold and both rates (GFLOP/s); without the
+    native library, ``NATIVE_MAX_ROWS`` and no rates.
+    """
+    ops = decode_ops()
+    weights = [w for w in weights if w.dim() == 2 and w.dtype == torch.float32 and w.is_contiguous()]
+    if ops is None or not weights:
+        return NATIVE_MAX_ROWS, {}
+    xs = {w.shape[1]: torch.ones(rows, w.shape[1]) for w in weights}
+    seconds = alternating_medians({
+        "native": lambda: [ops.linear(xs[w.shape[1]], w) for w in weights],
+        "blas": lambda: [cpu_linear(xs[w.shape[1]], w, None, None, contiguous_min_rows, NATIVE_MAX_ROWS)
+                         for w in weights]}, passes)
+    flop = sum(2 * rows * w.shape[0] * w.shape[1] for w in weights)
+    rates = {f"{way}_{rows}_gflops": round(flop / s / 1e9, 1) for way, s in seconds.items()}
+    return (NATIVE_GEMM_MAX_ROWS if seconds["native"] <= seconds["blas"] else NATIVE_MAX_ROWS), rates
 
 
 # The LayerWeights fields the model multiplies through its linear (2-D; experts are 3-D and stay plain).

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _SOURCES = tuple(Path(__file__).with_name(name)
-                 for name in ("paged_decode_attention.c", "decode_ops.c", "decode_layer.c"))
+                 for name in ("paged_decode_attention.c", "decode_ops.c", "decode_layer.c", "gemm.c"))
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # Portable builds: platform.machine() -> (the -march, the /proc/cpuinfo flags a CPU needs to run that code).
 # x86-64-v3 as GCC and clang define it (v1 + v2 + v3 features; ``pni`` is SSE3, ``abm`` LZCNT), but for

@@ -66,6 +66,8 @@ class DecodeOps:
         self._library = library
         self._linear = library.pagedgen_linear_f32
         self._linear.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i32, _i32, _i32, _i32]
+        self._gemm = library.pagedgen_gemm_f32
+        self._gemm.argtypes = self._linear.argtypes
         self._norm = library.pagedgen_add_rms_norm_f32
         self._norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i32, _i32, _f32]
         self._rope = library.pagedgen_rope_f32
@@ -80,7 +82,7 @@ class DecodeOps:
         self._argmax.argtypes = [_ptr, _i64, _i32, _i32, _ptr]
         self._set_prefetch = library.pagedgen_set_weight_prefetch
         self._set_prefetch.argtypes = [_i32]
-        for fn in (self._linear, self._norm, self._rope, self._silu_mul, self._attn_in, self._mlp_block,
+        for fn in (self._linear, self._gemm, self._norm, self._rope, self._silu_mul, self._attn_in, self._mlp_block,
                    self._argmax, self._set_prefetch):
             fn.restype = ctypes.c_int
 
@@ -113,7 +115,11 @@ class DecodeOps:
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                num_threads: int | None = None) -> torch.Tensor:
-        """``F.linear(x, w, bias)``: ``x`` ``[M, K]`` (contiguous rows), ``w`` ``[N, K]`` -> ``[M, N]`` contiguous."""
+        """``F.linear(x, w, bias)``: ``x`` ``[M, K]`` (contiguous rows), ``w`` ``[N, K]`` -> ``[M, N]`` contiguous.
+
+        Up to ``max_rows`` rows the small-batch GEMM (decode_ops.c: weight streams far apart), beyond
+        the batched one (gemm.c: register tiles of 64 rows, x transposed once); any M works, but past
+        ~200 rows BLAS is faster (``backends.cpu.linear.NATIVE_GEMM_MAX_ROWS``)."""
         _check("x", x, rows_strided=True)
         _check("w", w)
         if w.dim() != 2 or w.shape[1] != x.shape[1]:
@@ -124,7 +130,8 @@ class DecodeOps:
                 raise ValueError(f"bias must be [{w.shape[0]}], got {tuple(bias.shape)}")
         out = x.new_empty((x.shape[0], w.shape[0]))                                       # [M, N]
         if x.shape[0]:
-            self._linear(x.data_ptr(), x.stride(0), w.data_ptr(), None if bias is None else bias.data_ptr(),
+            fn = self._linear if x.shape[0] <= self.max_rows else self._gemm
+            fn(x.data_ptr(), x.stride(0), w.data_ptr(), None if bias is None else bias.data_ptr(),
                          out.data_ptr(), x.shape[0], w.shape[0], w.shape[1], num_threads or torch.get_num_threads())
         return out
 
