@@ -109,12 +109,28 @@ static void gemm_rows(const float *xt, size_t mp, const float *w, size_t K, cons
     for (; n < n_end; n++) tiles(xt, mp, w, K, bias, out, (size_t)N, M, n, 1);
 }
 
+/* The calling thread's xt buffer of at least `bytes`, kept between calls: a fresh one of this size is a
+ * new mapping whose page faults cost as much as a small product. Each calling thread keeps its own (the
+ * largest it needed), until it exits. */
+static __thread float *xt_buffer;
+static __thread size_t xt_bytes;
+
+static float *xt_for(size_t bytes) {
+    if (bytes > xt_bytes) {
+        free(xt_buffer);
+        xt_bytes = 0;
+        xt_buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        if (xt_buffer != NULL) xt_bytes = bytes;
+    }
+    return xt_buffer;
+}
+
 /* out = x @ w.T (+ bias), any M >= 1; see the top of the file. Returns 0, or -1 on bad sizes or no memory. */
 int pagedgen_gemm_f32(const float *x, int64_t ldx, const float *w, const float *bias, float *out, int32_t M,
                       int32_t N, int32_t K, int32_t num_threads) {
     if (M < 1 || N < 1 || K < 1 || ldx < K) return -1;
     const size_t mp = ((size_t)M + VW - 1) / VW * VW;
-    float *xt = aligned_alloc(64, ((size_t)K * mp * sizeof(float) + 63) / 64 * 64);
+    float *xt = xt_for((size_t)K * mp * sizeof(float));
     if (xt == NULL) return -1;
     const int threads = (int64_t)M * N * K < (1 << 20) ? 1 : num_threads;
     int chunk = (N / (8 * threads) + NR - 1) / NR * NR;
@@ -141,6 +157,5 @@ int pagedgen_gemm_f32(const float *x, int64_t ldx, const float *w, const float *
             gemm_rows(xt, mp, w, (size_t)K, bias, out, M, N, begin, end);
         }
     }
-    free(xt);
     return 0;
 }
