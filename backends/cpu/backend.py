@@ -104,6 +104,8 @@ class CPUBackend(Backend):
                                 ops=decode_ops() if self._torch_dtype == torch.float32 else None)
         if self.onednn is not None:
             self.onednn.pack(projections(self.model.weights))     # once; the plain weights stay for <= 8 rows
+        elif self.model.ops is not None:
+            self.model.fused_max_rows = NATIVE_GEMM_MAX_ROWS      # the layer calls' GEMMs are the native ones
         self._tune_for_this_machine()
         native = decode_ops()                                     # its argmax: logits are float32 in every dtype
         self.sampler = Sampler(eos_token_ids or model_config.eos_token_ids, seed=seed,
@@ -135,6 +137,8 @@ class CPUBackend(Backend):
                  if isinstance(w, torch.Tensor)], rows, passes=2)
             log.info("cpu_native_gemm", native_max_rows=native_rows, **native_rates)
             self.model.linear = partial(cpu_linear, contiguous_min_rows=rows, native_max_rows=native_rows)
+            if self.model.ops is not None:
+                self.model.fused_max_rows = native_rows
 
     def _onednn_linear(self, requested: bool | None) -> OneDNNLinear | None:
         """The prepacked oneDNN linear where it applies (float32, oneDNN present, not switched off), else None.

@@ -23,11 +23,12 @@ unadded, the next layer's input norm adds it), RoPE rotates the QKV
 projection's output in place and SwiGLU is one call, at any number of
 tokens: at a few rows torch's per-op dispatch costs more than the
 arithmetic, at a prefill chunk its separate passes over memory do. On steps
-of at most ``ops.max_rows`` tokens (decode),
-ops that also offer ``attn_in`` / ``mlp_block`` run a layer in two calls
-(norm, QKV, RoPE; o_proj through the MLP) into buffers reused step after
-step, where the layer is plain enough (``_plan``); other layers keep the
-per-op path. Ops with ``decode_layers`` run a plain layer in ONE call
+of at most ``fused_max_rows`` tokens (decode, short chunks; ``ops.max_rows``
+unless the device sets more), ops that also offer ``attn_in`` /
+``mlp_block`` run a layer in two calls (norm, QKV, RoPE; o_proj through the
+MLP) into buffers reused step after step, where the layer is plain enough
+(``_plan``); other layers keep the per-op path. On steps of at most
+``ops.max_rows`` tokens, ops with ``decode_layers`` run a plain layer in ONE call
 (``backends.cpu.native.layer``: the attention's cache write and attend
 included) on steps whose attention backend hands over its native decode
 inputs (``native_decode_inputs``: a decode-only step it would serve with the
@@ -132,7 +133,7 @@ class LlamaModel:
     optional bias) and may return a non-contiguous ``[T, out]`` view; devices
     pass their fastest GEMM orientation (and a quantized one may slot in).
     ``ops`` (float32 only): the elementwise ones on every step, the layer-sized ones on steps of at most
-    ``ops.max_rows`` tokens.
+    ``fused_max_rows`` tokens (``ops.max_rows``; a device whose ops' GEMMs run more rows sets it higher).
     """
 
     def __init__(
@@ -177,7 +178,9 @@ class LlamaModel:
         # Fused decode layers (ops with attn_in / mlp_block): per layer whether each half applies,
         # decided on the first fused step; the buffers they write, per step shape, reused step after step.
         self._fused_plan: list[tuple[bool, bool]] | None = None
-        self._scratch: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self.fused_max_rows = 0 if self.ops is None else self.ops.max_rows
+        self._scratch: dict[tuple[int, int, int], dict[str, Any]] = {}      # (rows, n_qkv, inter) -> views
+        self._scratch_base: dict[tuple[int, int], dict[str, Any]] = {}      # (n_qkv, inter) -> the buffers
         # One-call layers (ops.decode_layers), for the layers whose MLP width is the model's (None: not offered);
         # they belong to these ops: a caller that swaps ``ops`` later gets the ops' own (two-call) path.
         self.decode_layers = None
@@ -222,9 +225,10 @@ class LlamaModel:
             x = x * self.embed_scale                                           # [T, hidden]
         ops = self.ops
         delta = None                                                           # fused: the last MLP output, unadded
-        plan = self._plan() if ops is not None and hasattr(ops, "attn_in") and input_ids.shape[0] <= ops.max_rows \
+        rows = input_ids.shape[0]
+        plan = self._plan() if ops is not None and hasattr(ops, "attn_in") and rows <= self.fused_max_rows \
             else None
-        one_call = self._one_call_step(attn_metadata, input_ids.shape[0]) if plan is not None else None
+        one_call = self._one_call_step(attn_metadata, rows) if plan is not None and rows <= ops.max_rows else None
         for i, layer in enumerate(self.weights.layers):
             cos, sin = rope[self.rope_index[i]]
             if one_call is not None and plan[i][0] and plan[i][1] and layer.down.shape[1] == self.decode_layers.inter:
@@ -269,14 +273,21 @@ class LlamaModel:
         return None if native is None else self.decode_layers.step(rows, *native, torch.get_num_threads())
 
     def _buffers(self, rows: int, hidden: int, n_qkv: int, inter: int) -> dict[str, Any]:
+        """The fused layer's buffers for ``rows`` tokens: views of one set per layer shape, grown to the most
+        rows a step has had (so a server's many batch sizes share one allocation)."""
         key = (rows, n_qkv, inter)
         bufs = self._scratch.get(key)
         if bufs is None:
-            if len(self._scratch) > 64:                                        # bounded: a few shapes in practice
-                self._scratch.clear()
+            base = self._scratch_base.get((n_qkv, inter))
+            if base is None or base["res"].shape[0] < rows:
+                base = self._scratch_base[(n_qkv, inter)] = {
+                    "res": torch.empty(rows, hidden), "h": torch.empty(rows, hidden),
+                    "qkv": torch.empty(rows, n_qkv),
+                    "mlp": self.ops.mlp_scratch(rows, hidden, inter) if inter else None}
+                self._scratch = {k: v for k, v in self._scratch.items() if k[1:] != (n_qkv, inter)}
             bufs = self._scratch[key] = {
-                "res": torch.empty(rows, hidden), "h": torch.empty(rows, hidden), "qkv": torch.empty(rows, n_qkv),
-                "mlp": self.ops.mlp_scratch(rows, hidden, inter) if inter else None}
+                "res": base["res"][:rows], "h": base["h"][:rows], "qkv": base["qkv"][:rows],
+                "mlp": None if base["mlp"] is None else base["mlp"].rows(rows)}
         return bufs
 
     def _fused_layer(self, layer_idx: int, w: LayerWeights, x: torch.Tensor, delta: torch.Tensor | None,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.cpu import native
-from backends.cpu.backend import NATIVE_MAX_ROWS, cpu_linear
+from backends.cpu.backend import NATIVE_GEMM_MAX_ROWS, NATIVE_MAX_ROWS, cpu_linear
 from backends.torch_model.rope import apply_rope, rope_cos_sin
 from tests.backends.native_kernels import ops, needs_cc, randn  # noqa: F401  (ops: a fixture)
 
@@ -198,11 +198,14 @@ def test_decode_steps_with_fused_ops_equal_the_torch_model(ops, architecture):
     prompts = [random_tokens(n, config.vocab_size, seed=n) for n in (19, 5, 33)]
     seqs = {name: [PagedSequence(f"r{i}", list(p), list(range(3 * i, 3 * i + 3)), 16) for i, p in enumerate(prompts)]
             for name in ("fused", "plain")}
+    assert fused.model.fused_max_rows == NATIVE_GEMM_MAX_ROWS
+    fused.model.fused_max_rows = ops.max_rows                             # a 54-row prefill past the limit
     got, want = (b.compute_logits(step([s.chunk(len(s.token_ids) - 1) for s in seqs[name]], 16))
                  for name, b in (("fused", fused), ("plain", plain)))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     assert "add_rms_norm" in counting.calls                                # prefill: the elementwise ops only
-    assert not {"attn_in", "mlp_block"} & set(counting.calls)            # (more than max_rows rows)
+    assert not {"attn_in", "mlp_block"} & set(counting.calls)
+    fused.model.fused_max_rows = NATIVE_GEMM_MAX_ROWS
     counting.calls.clear()
     for _ in range(3):
         got = fused.compute_logits(step([s.chunk(1) for s in seqs["fused"]], 16))          # [3, V]
@@ -213,3 +216,28 @@ def test_decode_steps_with_fused_ops_equal_the_torch_model(ops, architecture):
                 s.token_ids.append(token)
     layers = config.num_hidden_layers                                     # two calls a layer, one final norm
     assert counting.calls == {"attn_in": 3 * layers, "mlp_block": 3 * layers, "add_rms_norm": 3, "mlp_scratch": 1}
+
+
+def test_batched_steps_run_the_fused_layers_in_buffers_that_grow(ops):
+    # more than max_rows rows (the batched GEMM inside attn_in / mlp_block), batch sizes up and down:
+    # the buffers are views of one set per layer shape, grown to the largest step
+    from backends.cpu.backend import CPUBackend
+    from tests.backends import PagedSequence, random_tokens, step, tiny_model
+
+    _, config, weights = tiny_model("llama", seed=6)
+    fused, plain = CPUBackend(config, weights), CPUBackend(config, weights)
+    for b in (fused, plain):
+        b.allocate_kv_cache(64, 16)
+    counting = CountingOps(ops)
+    fused.model.ops = counting
+    plain.model.ops, plain.model.linear = None, F.linear
+    for rows in (12, 30, 9, 30):
+        prompts = [random_tokens(3 + i % 5, config.vocab_size, seed=rows * 100 + i) for i in range(rows)]
+        counting.calls.clear()
+        got, want = (b.compute_logits(step([PagedSequence(f"r{i}", list(p), [2 * i, 2 * i + 1], 16).chunk(len(p))
+                                            for i, p in enumerate(prompts)], 16)) for b in (fused, plain))
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        assert counting.calls["attn_in"] == config.num_hidden_layers
+    bases = fused.model._scratch_base
+    assert len(bases) == 1 and next(iter(bases.values()))["res"].shape[0] == max(sum(3 + i % 5 for i in range(r))
+                                                                                  for r in (12, 30, 9))

@@ -1,7 +1,7 @@
 /*
  * Small-batch decode operators for the cpu backend, float32.
  *
- * A decode step multiplies a few token rows (M = 1..8) by every weight of the
+ * A decode step multiplies a few token rows (M = 1..8; more: gemm.c) by every weight of the
  * model: it is bound by how fast the weights stream from memory, and the BLAS
  * GEMV/GEMM paths reach only ~60% of the machine's read bandwidth there. The
  * GEMM below reads each weight row once for all M rows (a tile of NR weight
@@ -104,11 +104,18 @@ static void gemm_columns(const float *x, size_t ldx, const float *w, const float
         for (int m = 0; m < M; m++) TILE(1, 1, 1);
 }
 
+int pagedgen_gemm_f32(const float *x, int64_t ldx, const float *w, const float *bias, float *out, int32_t M,
+                      int32_t N, int32_t K, int32_t num_threads);   /* gemm.c */
+
+#define SMALL_MAX_ROWS 8   /* rows this GEMM takes; more go to gemm.c's (ops.py MAX_ROWS) */
+
 /* out = x @ w.T (+ bias). Threads take contiguous ranges of columns (multiples of 4) from a shared
  * counter, ~8 per thread: each range is one sequential stream, and a thread that the OS
- * deschedules (a busy machine) holds up the others by one range, not by half the product. */
+ * deschedules (a busy machine) holds up the others by one range, not by half the product.
+ * More than SMALL_MAX_ROWS rows: the batched GEMM (gemm.c), so the layer calls below take any M. */
 int pagedgen_linear_f32(const float *x, int64_t ldx, const float *w, const float *bias, float *out, int32_t M,
                         int32_t N, int32_t K, int32_t num_threads) {
+    if (M > SMALL_MAX_ROWS) return pagedgen_gemm_f32(x, ldx, w, bias, out, M, N, K, num_threads);
     if (M < 1 || N < 1 || K < 1 || ldx < K) return -1;
     const int threads = (int64_t)N * K < (1 << 16) ? 1 : num_threads;   /* tiny products: no fork */
     int chunk = (N / (8 * threads) + 3) & ~3;

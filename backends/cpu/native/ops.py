@@ -1,4 +1,4 @@
-"""ctypes bindings of ``decode_ops.c``: small-batch GEMM and fused elementwise operators (float32).
+"""ctypes bindings of ``decode_ops.c`` (with ``gemm.c``): the GEMMs and fused elementwise operators (float32).
 
 ``DecodeOps`` is what the cpu backend hands the torch model
 (``LlamaModel(ops=...)``) and its sampler (``argmax``): each method computes
@@ -7,7 +7,9 @@ checks its inputs and writes a fresh contiguous tensor (``rope`` works in
 place on the GEMM output it is given). Callers decide when to use them: the
 GEMM and the layer-sized calls pay off at a few rows (``max_rows``), where a
 torch op costs more in dispatch than in arithmetic and the BLAS streams a
-skinny product's weight below the memory bandwidth; the elementwise ones at
+skinny product's weight below the memory bandwidth, and up to a batched
+decode step (``backends.cpu.linear.NATIVE_GEMM_MAX_ROWS``), where the BLAS
+packs the weight on every call; the elementwise ones at
 any size (one pass over memory instead of several). ``attn_in`` and ``mlp_block`` chain those operators for a
 whole decoder layer in two calls that write caller-owned buffers
 (``mlp_scratch``): at one row each ctypes call or fresh tensor costs a few
@@ -66,8 +68,6 @@ class DecodeOps:
         self._library = library
         self._linear = library.pagedgen_linear_f32
         self._linear.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i32, _i32, _i32, _i32]
-        self._gemm = library.pagedgen_gemm_f32
-        self._gemm.argtypes = self._linear.argtypes
         self._norm = library.pagedgen_add_rms_norm_f32
         self._norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i32, _i32, _f32]
         self._rope = library.pagedgen_rope_f32
@@ -82,7 +82,7 @@ class DecodeOps:
         self._argmax.argtypes = [_ptr, _i64, _i32, _i32, _ptr]
         self._set_prefetch = library.pagedgen_set_weight_prefetch
         self._set_prefetch.argtypes = [_i32]
-        for fn in (self._linear, self._gemm, self._norm, self._rope, self._silu_mul, self._attn_in, self._mlp_block,
+        for fn in (self._linear, self._norm, self._rope, self._silu_mul, self._attn_in, self._mlp_block,
                    self._argmax, self._set_prefetch):
             fn.restype = ctypes.c_int
 
@@ -118,8 +118,9 @@ class DecodeOps:
         """``F.linear(x, w, bias)``: ``x`` ``[M, K]`` (contiguous rows), ``w`` ``[N, K]`` -> ``[M, N]`` contiguous.
 
         Up to ``max_rows`` rows the small-batch GEMM (decode_ops.c: weight streams far apart), beyond
-        the batched one (gemm.c: register tiles of 64 rows, x transposed once); any M works, but past
-        ~200 rows BLAS is faster (``backends.cpu.linear.NATIVE_GEMM_MAX_ROWS``)."""
+        the batched one (gemm.c: register tiles of 64 rows, x transposed once), as in ``attn_in`` and
+        ``mlp_block``; any M works, but past ~200 rows BLAS is faster
+        (``backends.cpu.linear.NATIVE_GEMM_MAX_ROWS``)."""
         _check("x", x, rows_strided=True)
         _check("w", w)
         if w.dim() != 2 or w.shape[1] != x.shape[1]:
@@ -130,8 +131,7 @@ class DecodeOps:
                 raise ValueError(f"bias must be [{w.shape[0]}], got {tuple(bias.shape)}")
         out = x.new_empty((x.shape[0], w.shape[0]))                                       # [M, N]
         if x.shape[0]:
-            fn = self._linear if x.shape[0] <= self.max_rows else self._gemm
-            fn(x.data_ptr(), x.stride(0), w.data_ptr(), None if bias is None else bias.data_ptr(),
+            self._linear(x.data_ptr(), x.stride(0), w.data_ptr(), None if bias is None else bias.data_ptr(),
                          out.data_ptr(), x.shape[0], w.shape[0], w.shape[1], num_threads or torch.get_num_threads())
         return out
 
@@ -265,12 +265,23 @@ class DecodeOps:
 class MlpScratch:
     """The intermediate buffers of ``DecodeOps.mlp_block`` for ``rows`` tokens (reused step after step)."""
 
+    FIELDS = ("o", "h", "gate_up", "act", "out")
+
     def __init__(self, rows: int, hidden: int, inter: int) -> None:
         self.o = torch.empty(rows, hidden)                                              # [M, hidden]
         self.h = torch.empty(rows, hidden)                                              # [M, hidden]
         self.gate_up = torch.empty(rows, 2 * inter)                                     # [M, 2 * inter]
         self.act = torch.empty(rows, inter)                                             # [M, inter]
         self.out = torch.empty(rows, hidden)                                            # [M, hidden]
+
+    def rows(self, rows: int) -> "MlpScratch":
+        """The same buffers for the first ``rows`` tokens (views: contiguous, no copy)."""
+        if rows > self.o.shape[0]:
+            raise ValueError(f"these buffers hold {self.o.shape[0]} rows, not {rows}")
+        view = object.__new__(MlpScratch)
+        for name in self.FIELDS:
+            setattr(view, name, getattr(self, name)[:rows])
+        return view
 
 
 def _check_all(tensors: tuple[torch.Tensor, ...]) -> None:
