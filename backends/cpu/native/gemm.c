@@ -60,7 +60,8 @@ static inline __attribute__((always_inline)) void tile(const float *xt, size_t m
     const size_t K2 = 2 * K;
     const float *xk = xt + m0;
     for (size_t k = 0; k < K; k++, xk += mp, a++, b++) {
-        __builtin_prefetch(next + k * 8, 0, 3);   /* one line every other k: 8K floats ahead, >= NR * K */
+        if ((k & 15) == 0)                        /* the next tile's rows in the order it reads them */
+            for (int r = 0; r < NR; r++) __builtin_prefetch(next + r * K + k, 0, 3);
         vf xv[MC];
         for (int c = 0; c < mc; c++) xv[c] = loadv(xk + c * VW);
         for (int r = 0; r < nr; r++) {
@@ -79,9 +80,9 @@ static inline __attribute__((always_inline)) void tile(const float *xt, size_t m
 }
 
 /* The tile for nr weight rows at every token tile; mc is a constant in each branch, so the loops unroll.
- * Each pass prefetches the weight rows after the tile's, one cache line every other k: the rows of one
- * tile are short streams (K floats each) that the hardware prefetchers hardly pick up. A prefetch past
- * the end of w does not fault. */
+ * Each pass prefetches the NR weight rows after the tile's, a cache line of each every 16 k, in the order
+ * the next tile reads them: the rows of one tile are short streams (K floats each) that the hardware
+ * prefetchers hardly pick up. A prefetch past the end of w does not fault. */
 static inline __attribute__((always_inline)) void tiles(const float *xt, size_t mp, const float *w, size_t K,
                                                         const float *bias, float *out, size_t ldo, int M, int n0,
                                                         int nr) {
