@@ -91,7 +91,9 @@ def test_sigterm_during_16_streams_completes_every_one(tiny_model_dir):
     try:
         ready = server.wait_event("server_ready", timeout=60)
         with Client(ready["address"], retry=RetryPolicy(max_attempts=1)) as client:
-            streams = [client.generate(f"The cat watches {i}", max_tokens=160, ignore_eos=True, temperature=0)
+            # 480 tokens (16 x ~490 fit the 512 blocks and the model's 512 positions): long enough that none
+            # ends before the client has read every stream's first chunk on a fast machine (160 did)
+            streams = [client.generate(f"The cat watches {i}", max_tokens=480, ignore_eos=True, temperature=0)
                        for i in range(16)]
             chunks = [[next(stream)] for stream in streams]            # all 16 are running
             assert client.stats().num_running == 16
@@ -103,7 +105,7 @@ def test_sigterm_during_16_streams_completes_every_one(tiny_model_dir):
             for mine, stream in zip(chunks, streams):
                 mine += list(stream)
                 assert mine[-1].finish_reason == "length"
-                assert sum(len(c.token_ids) for c in mine) == 160
+                assert sum(len(c.token_ids) for c in mine) == 480
         assert server.proc.wait(timeout=30) == 0
         assert server.wait_event("server_stopped", timeout=5)["drained"] is True
     finally:
