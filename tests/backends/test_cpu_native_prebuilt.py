@@ -170,6 +170,42 @@ def test_switched_off_even_with_a_prebuilt_library(prebuilt, no_compiler):
     assert native.decode_ops() is None and native.decode_attention() is None
 
 
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    """The baseline and the wide (AVX-512) portable libraries of the current sources, side by side."""
+    if native._machine() not in native.WIDE_TARGETS:
+        pytest.skip(f"no wide portable target for {native._machine()}")
+    out = tmp_path_factory.mktemp("both")
+    return native.build_portable(out, compiler=CC), native.build_portable(out, compiler=CC, wide=True)
+
+
+def test_the_wide_library_is_taken_where_the_cpu_has_its_features(both, no_compiler):
+    base, wide = both
+    march = native.WIDE_TARGETS[native._machine()][0]
+    assert wide.name == native.prebuilt_name(wide=True) != base.name and wide.name.endswith(f"-{march}.so")
+    no_compiler.setenv("PAGEDGEN_CPU_KERNELS_DIR", str(wide.parent))
+    flags = native._cpu_flags()
+    runs_wide = flags is not None and not native.WIDE_TARGETS[native._machine()][1] - flags
+    with capture_logs() as logs:
+        ops = native.decode_ops()
+    [loaded] = events(logs, "cpu_kernel_prebuilt_loaded")
+    assert loaded["path"] == str(wide if runs_wide else base)
+    x, w = randn(64, 576), randn(300, 576, seed=1)                      # the batched GEMM at the target's width
+    torch.testing.assert_close(ops.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_a_cpu_without_the_wide_features_takes_the_baseline_library(both, no_compiler):
+    base, wide = both
+    no_compiler.setenv("PAGEDGEN_CPU_KERNELS_DIR", str(wide.parent))
+    no_compiler.setattr(native, "_cpu_flags", lambda: native.PORTABLE_TARGETS[native._machine()][1] | {"avx512f"})
+    with capture_logs() as logs:
+        assert native.decode_ops() is not None
+    [loaded] = events(logs, "cpu_kernel_prebuilt_loaded")
+    assert loaded["path"] == str(base) and loaded["target"] == native.PORTABLE_TARGETS[native._machine()][0]
+
+
 def test_building_needs_a_compiler(no_compiler, tmp_path):
     with pytest.raises(RuntimeError, match="no C compiler"):
         native.build_portable(tmp_path / "out")
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        native.build_portable(tmp_path / "out", wide=True)

@@ -19,7 +19,8 @@ torch share one thread pool.
 Where there is no compiler (the CPU container image), or the compiler fails,
 the library may come prebuilt: ``build_portable(dir)`` compiles the same
 sources for a portable target (x86-64: ``x86-64-v3``, i.e. AVX2, FMA, F16C,
-BMI1/2; aarch64: ``armv8-a``) into ``pagedgen_cpu-<key>-<target>.so``, the
+BMI1/2; aarch64: ``armv8-a``; with ``wide=True`` x86-64's ``x86-64-v4``,
+AVX-512, which the loader prefers where the CPU has it) into ``pagedgen_cpu-<key>-<target>.so``, the
 key hashing the sources and flags, and the loader takes that file from
 ``PAGEDGEN_CPU_KERNELS_DIR`` (default ``$PAGEDGEN_CACHE_DIR/kernels``) only
 if its name matches these sources (a stale library is never loaded) and this
@@ -66,6 +67,12 @@ PORTABLE_TARGETS: dict[str, tuple[str, frozenset[str]]] = {
         "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"})),
     "aarch64": ("armv8-a", frozenset()),
 }
+# A wider portable build next to the baseline, taken where the CPU has its features (the batched GEMM and
+# decode attention run 16-wide there): x86-64-v4 as GCC and clang define it (v3 + AVX-512 F/BW/CD/DQ/VL).
+WIDE_TARGETS: dict[str, tuple[str, frozenset[str]]] = {
+    "x86_64": ("x86-64-v4", PORTABLE_TARGETS["x86_64"][1] | frozenset({
+        "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"})),
+}
 _MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}
 _lock = threading.Lock()
 _i32 = ctypes.c_int32
@@ -108,11 +115,11 @@ def _portable_flags(march: str) -> tuple[str, ...]:
     return ("-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC")
 
 
-def prebuilt_name(sources: tuple[Path, ...] = _SOURCES, machine: str | None = None) -> str | None:
+def prebuilt_name(sources: tuple[Path, ...] = _SOURCES, machine: str | None = None, wide: bool = False) -> str | None:
     """The file name of the portable library of ``sources`` for ``machine`` (this one by default):
     ``pagedgen_cpu-<key>-<march>.so``, the key hashing the sources and the flags; None for a machine
-    without a portable target."""
-    entry = PORTABLE_TARGETS.get(machine or _machine())
+    without a portable target (``wide``: without a wide one, ``WIDE_TARGETS``)."""
+    entry = (WIDE_TARGETS if wide else PORTABLE_TARGETS).get(machine or _machine())
     if entry is None:
         return None
     flags = _portable_flags(entry[0])
@@ -150,27 +157,53 @@ def _build(compiler: str, sources: tuple[Path, ...]) -> Path:
     return target
 
 
-def build_portable(out_dir: str | Path, compiler: str | None = None, sources: tuple[Path, ...] = _SOURCES) -> Path:
-    """Compile ``sources`` for this machine's portable target into ``out_dir``/``prebuilt_name()``, for
-    hosts without a compiler (the container image's build stage runs this); returns the file's path.
-    Raises RuntimeError where there is no compiler, no portable target for this machine, or the build fails."""
+def build_portable(out_dir: str | Path, compiler: str | None = None, sources: tuple[Path, ...] = _SOURCES,
+                   wide: bool = False) -> Path:
+    """Compile ``sources`` for this machine's portable target (``wide``: its wide one, ``WIDE_TARGETS``)
+    into ``out_dir``/``prebuilt_name()``, for hosts without a compiler (the container image's build stage
+    runs this for both); returns the file's path. Raises RuntimeError where there is no compiler, no such
+    target for this machine, or the build fails."""
     compiler = compiler or _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc, clang) on PATH and CC unset")
     machine = _machine()
-    name = prebuilt_name(sources, machine)
+    targets = WIDE_TARGETS if wide else PORTABLE_TARGETS
+    name = prebuilt_name(sources, machine, wide)
     if name is None:
-        raise RuntimeError(f"no portable target for {machine!r} (known: {', '.join(PORTABLE_TARGETS)})")
+        raise RuntimeError(f"no {'wide ' if wide else ''}portable target for {machine!r} "
+                           f"(known: {', '.join(targets)})")
     target = Path(out_dir) / name
-    _compile(compiler, _portable_flags(PORTABLE_TARGETS[machine][0]), sources, target)
-    log.info("cpu_kernel_built", path=str(target), target=PORTABLE_TARGETS[machine][0])
+    _compile(compiler, _portable_flags(targets[machine][0]), sources, target)
+    log.info("cpu_kernel_built", path=str(target), target=targets[machine][0])
     return target
+
+
+def _load_wide(why: str, sources: tuple[Path, ...]) -> ctypes.CDLL | None:
+    """The wide portable library of ``sources`` where it is in ``prebuilt_dir()`` and this CPU has every
+    feature its target needs, else None without a word (the baseline one is the next choice)."""
+    name = prebuilt_name(sources, wide=True)
+    if name is None or not (prebuilt_dir() / name).is_file():
+        return None
+    march, needed = WIDE_TARGETS[_machine()]
+    flags = _cpu_flags()
+    if flags is None or needed - flags:
+        return None
+    path = prebuilt_dir() / name
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    log.info("cpu_kernel_prebuilt_loaded", path=str(path), target=march, why=why)
+    return library
 
 
 def _load_prebuilt(why: str, sources: tuple[Path, ...] = _SOURCES) -> ctypes.CDLL | None:
     """The portable library of ``sources`` from ``prebuilt_dir()`` where this CPU can run it, else None;
     ``why``: why there is no native build. Either way it is logged (once per process, by ``_compiled``)."""
     fallback = "torch attention and operators"
+    wide = _load_wide(why, sources)
+    if wide is not None:
+        return wide
     machine = _machine()
     name = prebuilt_name(sources, machine)
     if name is None:
