@@ -159,8 +159,9 @@ def test_compare_offline_launches_a_server_and_reports_what_the_service_costs(ti
         ratio = level["vs_offline"]["output_throughput_ratio"]
         assert ratio == pytest.approx(level["output_throughput"] / offline["output_throughput"])
         delivery = level["server"]["delivery"]
-        # One message per streamed delta at least; every one of them was timed.
-        assert delivery["messages"] >= level["total_output_tokens"] // 4
+        # Every streamed message was timed: at least one per request, at most one per token and the final
+        # one (a faster engine than the client coalesces tokens into fewer messages: 53 tokens in 9 was seen).
+        assert level["completed"] <= delivery["messages"] <= level["total_output_tokens"] + level["completed"]
         assert 0 <= delivery["p50_ms"] <= delivery["p90_ms"] <= delivery["p99_ms"]
         # Each gap between streamed tokens, paired with the engine's gap between their steps.
         added = level["itl_added_ms"]
