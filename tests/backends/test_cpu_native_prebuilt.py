@@ -202,6 +202,10 @@ def test_a_cpu_without_the_wide_features_takes_the_baseline_library(both, no_com
         assert native.decode_ops() is not None
     [loaded] = events(logs, "cpu_kernel_prebuilt_loaded")
     assert loaded["path"] == str(base) and loaded["target"] == native.PORTABLE_TARGETS[native._machine()][0]
+    w = randn(300, 576, seed=1)
+    for rows in (23, 24, 25, 63, 64):                 # the baseline's batched GEMM: whole and short last tiles
+        x = randn(rows, 576)
+        torch.testing.assert_close(native.decode_ops().linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
 
 
 def test_building_needs_a_compiler(no_compiler, tmp_path):

@@ -178,58 +178,43 @@ def build_portable(out_dir: str | Path, compiler: str | None = None, sources: tu
     return target
 
 
-def _load_wide(why: str, sources: tuple[Path, ...]) -> ctypes.CDLL | None:
-    """The wide portable library of ``sources`` where it is in ``prebuilt_dir()`` and this CPU has every
-    feature its target needs, else None without a word (the baseline one is the next choice)."""
-    name = prebuilt_name(sources, wide=True)
-    if name is None or not (prebuilt_dir() / name).is_file():
-        return None
-    march, needed = WIDE_TARGETS[_machine()]
-    flags = _cpu_flags()
-    if flags is None or needed - flags:
-        return None
-    path = prebuilt_dir() / name
-    try:
-        library = ctypes.CDLL(str(path))
-    except OSError:
-        return None
-    log.info("cpu_kernel_prebuilt_loaded", path=str(path), target=march, why=why)
-    return library
-
-
-def _load_prebuilt(why: str, sources: tuple[Path, ...] = _SOURCES) -> ctypes.CDLL | None:
-    """The portable library of ``sources`` from ``prebuilt_dir()`` where this CPU can run it, else None;
-    ``why``: why there is no native build. Either way it is logged (once per process, by ``_compiled``)."""
-    fallback = "torch attention and operators"
-    wide = _load_wide(why, sources)
-    if wide is not None:
-        return wide
+def _open_prebuilt(why: str, sources: tuple[Path, ...], wide: bool) -> tuple[ctypes.CDLL | None, str, str]:
+    """One portable library of ``sources`` from ``prebuilt_dir()`` (``wide``: the ``WIDE_TARGETS`` one):
+    ``(library, target, path)`` where it is there and this CPU can run it, else ``(None, target, the
+    reason to log)``; ``why``: why there is no native build."""
     machine = _machine()
-    name = prebuilt_name(sources, machine)
+    name = prebuilt_name(sources, machine, wide)
     if name is None:
-        log.warning("cpu_kernel_unavailable", reason=f"{why}; no portable target for {machine!r}", fallback=fallback)
-        return None
-    march, needed = PORTABLE_TARGETS[machine]
+        return None, "", f"{why}; no {'wide ' if wide else ''}portable target for {machine!r}"
+    march, needed = (WIDE_TARGETS if wide else PORTABLE_TARGETS)[machine]
     path = prebuilt_dir() / name
     if not path.is_file():
         others = sorted(p.name for p in path.parent.glob(f"pagedgen_cpu-*-{march}.so")) if path.parent.is_dir() else []
         stale = f" ({', '.join(others)}: built from other sources)" if others else ""
-        log.warning("cpu_kernel_unavailable", reason=f"{why}; no prebuilt library for these sources at {path}{stale}",
-                    fallback=fallback)
-        return None
+        return None, march, f"{why}; no prebuilt library for these sources at {path}{stale}"
     flags = _cpu_flags() if needed else frozenset()
     missing = sorted(needed - flags) if flags is not None else ["(cannot read /proc/cpuinfo)"]
     if missing:
-        log.warning("cpu_kernel_unavailable", reason=f"{why}; this CPU lacks {', '.join(missing)}, which the "
-                    f"prebuilt {march} library {path} needs", fallback=fallback)
-        return None
+        return None, march, (f"{why}; this CPU lacks {', '.join(missing)}, which the prebuilt {march} library "
+                             f"{path} needs")
     try:
-        library = ctypes.CDLL(str(path))
+        return ctypes.CDLL(str(path)), march, str(path)
     except OSError as e:
-        log.warning("cpu_kernel_unavailable", reason=f"{why}; cannot load {path}: {e}"[:1000], fallback=fallback)
-        return None
-    log.info("cpu_kernel_prebuilt_loaded", path=str(path), target=march, why=why)
-    return library
+        return None, march, f"{why}; cannot load {path}: {e}"[:1000]
+
+
+def _load_prebuilt(why: str, sources: tuple[Path, ...] = _SOURCES) -> ctypes.CDLL | None:
+    """The portable library of ``sources`` from ``prebuilt_dir()`` where this CPU can run it, else None;
+    ``why``: why there is no native build. The wide one first, where there is one and this CPU runs it
+    (passed over without a word otherwise), then the baseline. Either way it is logged (once per process,
+    by ``_compiled``)."""
+    for wide in (True, False):
+        library, march, detail = _open_prebuilt(why, sources, wide)
+        if library is not None:
+            log.info("cpu_kernel_prebuilt_loaded", path=detail, target=march, why=why)
+            return library
+    log.warning("cpu_kernel_unavailable", reason=detail, fallback="torch attention and operators")
+    return None
 
 
 def rows_of_heads(t: torch.Tensor, rows: int, heads: int, head_dim: int) -> bool:
