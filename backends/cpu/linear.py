@@ -64,7 +64,7 @@ NATIVE_MAX_ROWS = 8
 # ... and up to this many in the native batched GEMM (gemm.c: batched decode,
 # short prefill chunks), which reads the weights in place where BLAS packs
 # them on every call: a batch-64 decode step's projections and LM head,
-# streamed from memory, 85 -> 60 ms on a 2-core AVX-512 Xeon. Past ~200 rows
+# streamed from memory, 85 -> 57 ms on a 2-core AVX-512 Xeon. Past ~200 rows
 # MKL's blocking wins (at 256 rows they are even there). choose_native_max_rows
 # turns the batched GEMM off on a machine where it is not faster.
 NATIVE_GEMM_MAX_ROWS = 192
@@ -96,8 +96,8 @@ def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     products of up to ``native_max_rows`` rows (``NATIVE_GEMM_MAX_ROWS``; at least ``NATIVE_MAX_ROWS``)
     use the native GEMMs when they are available.
     """
-    if x.shape[0] <= max(native_max_rows, NATIVE_MAX_ROWS) and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1 \
-            and w.is_contiguous() and (bias is None or bias.is_contiguous()):
+    if x.shape[0] <= max(native_max_rows, NATIVE_MAX_ROWS) and x.dtype == torch.float32 and x.dim() == 2 \
+            and x.stride(1) == 1 and w.is_contiguous() and (bias is None or bias.is_contiguous()):
         ops = decode_ops()
         if ops is not None:
             return ops.linear(x, w, bias)                                              # [T, out]

@@ -89,17 +89,13 @@ static inline __attribute__((always_inline)) void tiles(const float *xt, size_t 
     const float *next = w + (size_t)(n0 + nr) * K;
     int m0 = 0;
     for (; m0 + TILE_ROWS <= M; m0 += TILE_ROWS) tile(xt, mp, w, K, bias, out, ldo, m0, M, n0, nr, MC, next);
-    const int rest = (M - m0 + VW - 1) / VW;   /* vectors left, < MC */
-    switch (rest) {
-    case 0: break;
+    switch ((M - m0 + VW - 1) / VW) {           /* vectors left: 0 .. MC (a last tile short of TILE_ROWS) */
     case 1: tile(xt, mp, w, K, bias, out, ldo, m0, M, n0, nr, 1, next); break;
-#if MC > 2
     case 2: tile(xt, mp, w, K, bias, out, ldo, m0, M, n0, nr, 2, next); break;
-#endif
+    case 3: tile(xt, mp, w, K, bias, out, ldo, m0, M, n0, nr, 3, next); break;   /* MC is 3 or 4 */
 #if MC > 3
-    case 3: tile(xt, mp, w, K, bias, out, ldo, m0, M, n0, nr, 3, next); break;
+    case 4: tile(xt, mp, w, K, bias, out, ldo, m0, M, n0, nr, 4, next); break;
 #endif
-    default: tile(xt, mp, w, K, bias, out, ldo, m0, M, n0, nr, rest, next); break;
     }
 }
 
